@@ -1,0 +1,136 @@
+"""krea2kit's own parts, registered through the same public hooks a third-party plugin
+uses. Every ``load`` is a lazy ``"module:function"`` reference: nothing here imports
+torch, so listing plugins and ``--help`` stay fast."""
+
+from __future__ import annotations
+
+from krea2kit.hookspecs import hookimpl
+from krea2kit.models.contract import LatentContract
+from krea2kit.registry import (
+    DiTDescriptor,
+    FilterDescriptor,
+    ModelDescriptor,
+    SamplerDescriptor,
+    TextEncoderDescriptor,
+    VAEDescriptor,
+    WriterDescriptor,
+)
+
+# Official defaults (krea-ai/krea-2 README and sampling.py): Turbo 8 steps, g = 0,
+# fixed mu 1.15; Raw 52 steps, g = 3.5, resolution-aware mu. The official inference
+# script reads the transformer file from $OSS_TURBO / $OSS_RAW; so do we.
+KREA2_PRESETS = (
+    ModelDescriptor(
+        name="krea2-turbo", summary="Krea 2 Turbo (12.8B, distilled): 8 steps, guidance 0, mu 1.15",
+        dit_config="krea2-turbo", text_encoder_config="qwen3-vl-4b", vae_config="qwen-image",
+        steps=8, guidance=0.0, mu=1.15, width=1024, height=1024,
+        weights_env={"dit": "OSS_TURBO"}, hf_repos=("krea/Krea-2-Turbo",),
+    ),
+    ModelDescriptor(
+        name="krea2-raw", summary="Krea 2 Raw (12.8B, undistilled): 52 steps, guidance 3.5, resolution-aware mu",
+        dit_config="krea2-raw", text_encoder_config="qwen3-vl-4b", vae_config="qwen-image",
+        steps=52, guidance=3.5, mu=None, width=1024, height=1024,
+        weights_env={"dit": "OSS_RAW"}, hf_repos=("krea/Krea-2-Raw",),
+    ),
+)
+
+# The embedded nano family: tiny members of the Krea 2 architecture whose weights ship
+# inside this package, so a fresh machine can run the whole pipeline offline.
+NANO_PRESETS = (
+    ModelDescriptor(
+        name="krea2-nano-turbo", summary="krea2kit's embedded nano model (Turbo-style: 8 steps, guidance 0)",
+        dit_config="", text_encoder_config="", vae_config="",
+        steps=8, guidance=0.0, mu=1.15, width=64, height=64, release_text_encoder=False,
+        weights={"dit": "krea2kit:nano/weights/turbo", "text_encoder": "krea2kit:nano/weights/text_encoder",
+                 "vae": "krea2kit:nano/weights/vae"},
+    ),
+    ModelDescriptor(
+        name="krea2-nano-raw", summary="krea2kit's embedded nano model (Raw-style: guidance on, resolution-aware mu)",
+        dit_config="", text_encoder_config="", vae_config="",
+        steps=24, guidance=3.5, mu=None, width=64, height=64, release_text_encoder=False,
+        weights={"dit": "krea2kit:nano/weights/raw", "text_encoder": "krea2kit:nano/weights/text_encoder",
+                 "vae": "krea2kit:nano/weights/vae"},
+    ),
+)
+
+
+@hookimpl
+def register_models(register):
+    for preset in KREA2_PRESETS + NANO_PRESETS:
+        register(preset)
+
+
+@hookimpl
+def register_dits(register):
+    register(DiTDescriptor(
+        name="krea2", summary="Krea 2 single-stream DiT (native, diffusers and ComfyUI weight layouts)",
+        load="krea2kit.parts.dit:load",
+    ))
+
+
+@hookimpl
+def register_text_encoders(register):
+    register(TextEncoderDescriptor(
+        name="qwen3-vl", summary="Qwen3-VL text tower tapped at 12 layers, Krea 2 chat template (native)",
+        load="krea2kit.parts.text_encoder:load",
+    ))
+
+
+@hookimpl
+def register_vaes(register):
+    register(VAEDescriptor(
+        name="qwen-image", summary="Qwen-Image VAE as a 2D network (f8, 16 channels); the Krea 2 latent space",
+        load="krea2kit.parts.vae:load_qwen", contract=LatentContract(16, 8, 1, "mean-std"),
+    ))
+    register(VAEDescriptor(
+        name="flux2", summary="FLUX.2 VAE (f8, 32 channels, 2x2 patchified batch-norm normalisation)",
+        load="krea2kit.parts.vae:load_flux2", contract=LatentContract(32, 8, 2, "batchnorm-patchified"),
+    ))
+
+
+def _sampler(name: str):
+    def load():
+        from krea2kit import sampling
+
+        return sampling.SAMPLERS[name]
+
+    return load
+
+
+@hookimpl
+def register_samplers(register):
+    register(SamplerDescriptor(
+        name="euler", summary="Euler flow matching, the official Krea 2 sampler",
+        load=_sampler("euler"), options="krea2kit.sampler_options:EulerOptions"))
+    register(SamplerDescriptor(
+        name="heun", summary="Heun's 2nd-order method (Karras et al. 2022), 2 model calls per step",
+        load=_sampler("heun"), options="krea2kit.sampler_options:HeunOptions"))
+    register(SamplerDescriptor(
+        name="euler_ancestral", summary="Stochastic rectified-flow Euler ancestral (eta, s_noise)",
+        load=_sampler("euler_ancestral"), options="krea2kit.sampler_options:AncestralOptions", stochastic=True))
+
+
+@hookimpl
+def register_writers(register):
+    for fmt, ext in (("png", ".png"), ("jpeg", ".jpg"), ("webp", ".webp")):
+        register(WriterDescriptor(name=fmt, summary=f"{fmt.upper()} with provenance metadata, written atomically",
+                                  load=f"krea2kit.parts.writers:{fmt}", extension=ext))
+
+
+@hookimpl
+def register_filters(register):
+    register(FilterDescriptor(
+        name="prompt-rules", summary="Built-in prompt filter: evasion-normalised category rules",
+        load="krea2kit.parts.filters:prompt_rules", target="prompt", mandatory=True,
+        options="krea2kit.parts.filters:PromptRulesOptions"))
+    register(FilterDescriptor(
+        name="nsfw-image", summary="Built-in image filter: OpenNSFW classifier shipped in a PyPI wheel (offline)",
+        load="krea2kit.parts.filters:nsfw_image", target="image", mandatory=True,
+        options="krea2kit.parts.filters:NsfwImageOptions"))
+
+
+@hookimpl
+def register_commands(cli):
+    from krea2kit.cli.vae_cmd import vae
+
+    cli.add_command(vae)

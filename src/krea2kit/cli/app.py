@@ -1,0 +1,225 @@
+"""The click command tree. Commands stay thin: parse, call the API, present."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from krea2kit import __version__
+from krea2kit.cli.console import Output
+from krea2kit.errors import EXIT_BLOCKED, EXIT_OK, UsageError
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0    every image was written
+  1    runtime error
+  2    usage or recipe error (found before any weights load)
+  3    at least one prompt or image was blocked by a content filter
+  4    weights missing, corrupt or not the expected model
+  130  interrupted (Ctrl-C); finished images are kept, no partial file"""
+
+verbosity = [
+    click.option("-q", "--quiet", count=True, help="No progress or summary (-qq: errors only)."),
+    click.option("-v", "--verbose", count=True, help="More detail on stderr; tracebacks for internal errors."),
+]
+
+
+def with_verbosity(fn):
+    for opt in reversed(verbosity):
+        fn = opt(fn)
+    return fn
+
+
+def make_output(ctx: click.Context, quiet: int = 0, verbose: int = 0) -> Output:
+    parent: Output = ctx.find_object(Output) or Output()
+    return Output(quiet=max(parent.quiet, quiet), verbose=max(parent.verbose, verbose), color=parent.color)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="krea2kit")
+@click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Colour on stderr (NO_COLOR is honoured).")
+@with_verbosity
+@click.pass_context
+def cli(ctx: click.Context, color: str, quiet: int, verbose: int) -> None:
+    """krea2kit: generate images with the Krea 2 model family from TOML recipes.
+
+    An independent project, not affiliated with or endorsed by Krea.
+    Results (paths, JSON lines) go to stdout; progress and messages to stderr.
+    """
+    ctx.obj = Output(quiet=quiet, verbose=verbose, color=color)
+    from krea2kit.plugins import get_host, report_problems
+
+    host = get_host()
+    if host.problems and quiet < 2:
+        for line in host.problems:
+            ctx.obj.warn(line)
+        host.problems.clear()
+
+
+# --------------------------------------------------------------------------- run
+def _read_stdin_prompts() -> list[str]:
+    """Prompts from stdin: one per line, or JSON lines with a "prompt" (or "text") field."""
+    prompts = []
+    for n, line in enumerate(sys.stdin.read().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"stdin line {n}: invalid JSON: {exc}", key="--prompt") from None
+            text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise UsageError(f"stdin line {n}: a JSON line needs a \"prompt\" string", key="--prompt")
+            prompts.append(text)
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise UsageError("--prompt - was given but stdin holds no prompt", key="--prompt")
+    return prompts
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("recipe", required=False)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, typed like TOML: --set sampler.steps=4 (repeatable).")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="Replace the recipe's prompts (repeatable); '-' reads one prompt per line (or JSON lines) from stdin.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image on stdout instead of its path.")
+@click.option("--dry-run", is_flag=True, help="Validate and list the images that would be made; load nothing.")
+@click.option("--sweep", "sweeps", multiple=True, metavar="NAME=A:B:N",
+              help="Render the same seed across N values of slider NAME from A to B, plus a contact sheet.")
+@with_verbosity
+@click.pass_context
+def run(ctx, recipe, overrides, prompts, as_json, dry_run, sweeps, quiet, verbose):
+    """Generate the images a RECIPE describes.
+
+    RECIPE is a TOML file, '-' for stdin, or an image krea2kit wrote (its embedded
+    recipe is re-run). Without RECIPE, the default model's defaults are used
+    (give --prompt).
+    """
+    from krea2kit.cli.run_cmd import run_command
+
+    out = make_output(ctx, quiet, verbose)
+    if "-" in prompts:
+        if recipe == "-":
+            raise UsageError("stdin cannot hold both the recipe and the prompts", key="--prompt")
+        prompts = tuple(p for p in prompts if p != "-") + tuple(_read_stdin_prompts())
+    code = run_command(out, recipe, list(overrides), list(prompts), as_json=as_json, dry_run=dry_run,
+                       sweeps=list(sweeps))
+    ctx.exit(code)
+
+
+# --------------------------------------------------------------------------- plugins
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+@click.pass_context
+def plugins(ctx, as_json):
+    """List loaded plugins, their distribution, version and what each registers."""
+    from krea2kit.plugins import get_host
+
+    out: Output = ctx.obj
+    host = get_host()
+    infos = [info.to_json() for info in host.plugins.values()]
+    if as_json:
+        out.data(json.dumps(infos, indent=2))
+        return
+    for info in infos:
+        origin = "built-in" if info["builtin"] else f"{info['distribution']} {info['version']}".strip()
+        out.data(f"{info['name']} ({origin})")
+        for kind, names in info["registers"].items():
+            out.data(f"  {kind}: {', '.join(names)}")
+        if info["commands"]:
+            out.data(f"  commands: {', '.join(info['commands'])}")
+
+
+# --------------------------------------------------------------------------- recipe
+@cli.group()
+def recipe():
+    """Check, show and describe recipes."""
+
+
+@recipe.command("check")
+@click.argument("file")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a value before checking.")
+@click.pass_context
+def recipe_check(ctx, file, overrides):
+    """Validate FILE ('-' = stdin) against the schema and the installed plugins."""
+    from krea2kit.api import Session
+
+    out: Output = ctx.obj
+    plan = Session().plan(file, overrides=overrides)
+    out.info(f"ok: {plan.loaded.path}: {len(plan.jobs)} image(s) with {plan.model.name}, "
+             f"{plan.recipe.sampler.name} {plan.steps} steps")
+
+
+@recipe.command("show")
+@click.argument("file")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a value first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of TOML.")
+@click.pass_context
+def recipe_show(ctx, file, overrides, as_json):
+    """Print the fully resolved recipe (defaults and overrides applied) of FILE or an image."""
+    from krea2kit.api import Session
+
+    out: Output = ctx.obj
+    plan = Session().plan(file, overrides=overrides)
+    data = plan.resolved()
+    if as_json:
+        out.data(json.dumps(data, indent=2))
+    else:
+        out.data(dump_toml(data).rstrip("\n"))
+
+
+@recipe.command("schema")
+@click.pass_context
+def recipe_schema(ctx):
+    """Print the recipe JSON Schema (for editor completion of TOML keys)."""
+    from krea2kit.recipe.schema import json_schema
+
+    ctx.obj.data(json.dumps(json_schema(), indent=2))
+
+
+def _drop_none(value):
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value if v is not None]
+    return value
+
+
+def dump_toml(data: dict) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(_drop_none(data))
+
+
+# --------------------------------------------------------------------------- config
+@cli.command()
+@click.option("--path", "path_only", is_flag=True, help="Print only the config file's path.")
+@click.option("--json", "as_json", is_flag=True, help="Print the settings as JSON.")
+@click.pass_context
+def config(ctx, path_only, as_json):
+    """Show where the user config file is and what it holds (defaults filled in)."""
+    from krea2kit.settings import ENV_CONFIG, config_path, load_settings
+
+    out: Output = ctx.obj
+    path = config_path()
+    if path_only:
+        out.data(str(path))
+        return
+    settings = load_settings(path)
+    data = settings.model_dump(mode="json", exclude={"path"})
+    if as_json:
+        out.data(json.dumps({"path": str(path), "exists": path.is_file(), "settings": data}, indent=2))
+        return
+    out.info(f"# {path} ({'exists' if path.is_file() else 'not created yet'}; ${ENV_CONFIG} overrides the location)")
+    out.data(dump_toml(data).rstrip("\n"))
+
+
+__all__ = ["cli", "EXIT_OK", "EXIT_BLOCKED"]

@@ -1,0 +1,156 @@
+"""``krea2kit run``: plan, show progress on stderr, print results on stdout."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from krea2kit.cli.console import Output
+from krea2kit.errors import EXIT_BLOCKED, EXIT_OK, UsageError
+
+
+def _job_json(job, plan) -> dict[str, Any]:
+    return {
+        "index": job.index, "status": "planned", "prompt": job.prompt, "negative": job.negative,
+        "seed": job.seed, "width": job.width, "height": job.height, "model": plan.model.name,
+        "sampler": plan.recipe.sampler.name, "steps": plan.steps,
+    }
+
+
+class Progress:
+    """Rich progress (one bar per image, per-step updates, ETA) for a terminal; plain
+    one-line log messages otherwise, so logs never hold control codes."""
+
+    def __init__(self, out: Output, total_images: int) -> None:
+        self.out = out
+        self.total_images = total_images
+        self.bar = None
+        self.task = None
+        self.overall = None
+        self.started = time.perf_counter()
+        if out.interactive:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, SpinnerColumn,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+            self.bar = RichProgress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                console=out.err, transient=False, redirect_stdout=False, redirect_stderr=False,
+            )
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+            self.overall = self.bar.add_task("images", total=self.total_images)
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def log(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(message, markup=False)
+        else:
+            self.out.info(message)
+
+    def __call__(self, event: str, **data: Any) -> None:
+        out = self.out
+        if event == "warning":
+            if self.bar is not None and out.quiet < 2:
+                self.bar.console.print(f"warning: {data['message']}", style="yellow", markup=False)
+            else:
+                out.warn(data["message"])
+        elif event == "load":
+            self.log(f"loading {data['role'].replace('_', ' ')} {data['name']} from {data['location']} ({data['found_by']})")
+        elif event == "loaded":
+            out.debug(f"  {data['role']} ready in {data['seconds']:.2f} s")
+        elif event == "job_start":
+            job = data["job"]
+            if self.bar is not None:
+                if self.task is not None:
+                    self.bar.remove_task(self.task)
+                self.task = self.bar.add_task(f"image {job.index + 1}/{data['total']} seed {job.seed}", total=data["steps"])
+        elif event == "step":
+            if self.bar is not None and self.task is not None:
+                self.bar.update(self.task, completed=data["step"])
+        elif event == "job_end":
+            rec = data["record"]
+            if self.bar is not None:
+                self.bar.advance(self.overall)
+            if rec.status == "ok":
+                self.log(f"[{rec.index + 1}/{self.total_images}] wrote {rec.path} (seed {rec.seed}, "
+                         f"{sum(rec.timings.values()):.2f} s)")
+            else:
+                self.log(f"[{rec.index + 1}/{self.total_images}] BLOCKED by {', '.join(rec.blocked_by)} (seed {rec.seed}); nothing written")
+        elif event == "filter_note":
+            out.debug(data["message"])
+
+
+def _summary(out: Output, records: list, elapsed: float) -> None:
+    if out.quiet or not records:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(records)} image(s) in {elapsed:.1f} s", title_justify="left")
+    for col in ("#", "status", "seed", "size", "time", "path"):
+        table.add_column(col)
+    for rec in records:
+        total = sum(rec.timings.values()) if rec.timings else math.nan
+        table.add_row(str(rec.index + 1), rec.status, str(rec.seed), f"{rec.width}x{rec.height}",
+                      f"{total:.2f} s" if total == total else "-", rec.path or "-")
+    out.err.print(table)
+
+
+def parse_sweep(text: str) -> tuple[str, list[float]]:
+    name, sep, spec = text.partition("=")
+    parts = spec.split(":")
+    try:
+        if not sep or len(parts) != 3:
+            raise ValueError
+        a, b, n = float(parts[0]), float(parts[1]), int(parts[2])
+        if n < 2:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--sweep expects NAME=A:B:N with N >= 2, got {text!r}", key="--sweep",
+                         hint="e.g. --sweep detail=-1:1:5") from None
+    return name.strip(), [a + (b - a) * i / (n - 1) for i in range(n)]
+
+
+def run_command(out: Output, recipe: str | None, overrides: list[str], prompts: list[str], *,
+                as_json: bool, dry_run: bool, sweeps: list[str]) -> int:
+    from krea2kit.api import Session
+
+    session = Session()
+    if sweeps:
+        from krea2kit.cli.sweep import run_sweep
+
+        return run_sweep(out, session, recipe, overrides, prompts, [parse_sweep(s) for s in sweeps], as_json=as_json)
+    plan = session.plan(recipe, overrides=overrides, prompts=prompts or None)
+    if dry_run:
+        for job in plan.jobs:
+            out.data(json.dumps(_job_json(job, plan)) if as_json else
+                     f"{job.index}\t{job.seed}\t{job.width}x{job.height}\t{job.prompt}")
+        out.info(f"dry run: {len(plan.jobs)} image(s) with {plan.model.name}; nothing loaded")
+        return EXIT_OK
+    return execute(out, session, plan, as_json=as_json)
+
+
+def execute(out: Output, session, plan, *, as_json: bool) -> int:
+    records = []
+    started = time.perf_counter()
+    with Progress(out, len(plan.jobs)) as progress:
+        for record in session.run(plan, events=progress):
+            records.append(record)
+            if record.status == "ok":
+                out.data(json.dumps(record.to_json()) if as_json else record.path)
+            elif as_json:
+                out.data(json.dumps(record.to_json()))
+    _summary(out, records, time.perf_counter() - started)
+    blocked = [r for r in records if r.status == "blocked"]
+    if blocked:
+        out.warn(f"{len(blocked)} of {len(records)} image(s) blocked by content filters; they were not written")
+        return EXIT_BLOCKED
+    return EXIT_OK

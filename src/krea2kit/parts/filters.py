@@ -1,0 +1,54 @@
+"""The built-in content filters as parts, with the options a recipe may set.
+
+A recipe may only make filtering stricter: add prompt terms, lower the image
+threshold. Loosening is a deployer decision made in the user config
+(``[safety]``), never in a recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PromptRulesOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    extra_terms: dict[str, list[str]] = Field(
+        default_factory=dict, description="More terms per list (e.g. {sexual_explicit = [\"...\"]}): stricter only")
+
+
+class NsfwImageOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Block at or above this NSFW score; a recipe may only lower it")
+
+
+def prompt_rules(options: PromptRulesOptions | None = None, *, settings=None) -> Any:
+    from krea2kit.safety.prompt_filter import from_config
+
+    config: dict[str, Any] = {}
+    if options is not None and options.extra_terms:
+        config["extra_terms"] = options.extra_terms
+    return from_config(config)
+
+
+def nsfw_image(options: NsfwImageOptions | None = None, *, settings=None) -> Any:
+    from krea2kit.errors import RecipeError
+    from krea2kit.safety.image_filter import DEFAULT_BLOCK_THRESHOLD, from_config
+
+    ceiling = DEFAULT_BLOCK_THRESHOLD
+    if settings is not None and settings.safety.image_threshold is not None:
+        ceiling = settings.safety.image_threshold
+    threshold = ceiling
+    if options is not None and options.threshold is not None:
+        if options.threshold > ceiling:
+            raise RecipeError(
+                f"a recipe may only lower the NSFW threshold (deployer value {ceiling}), got {options.threshold}",
+                key="safety.settings.nsfw-image.threshold",
+                hint="raising it is a deployer decision: set safety.image_threshold in the user config",
+            )
+        threshold = options.threshold
+    return from_config({"threshold": threshold})

@@ -1,0 +1,285 @@
+"""The generation pipeline: the only place where parts meet.
+
+    plan -> prompt filters -> text encode (all prompts first, cache) -> per image:
+    noise(seed + i) -> sampler(denoiser with adapters) -> VAE decode -> pixels
+    -> image filters -> writer (atomic, metadata) -> Record
+
+Parts are resolved by name from the plugin registry and loaded once per
+:class:`Pipeline` (one per process in the CLI), then reused for every image.
+Progress and warnings leave through an ``events`` callback; the pipeline never prints.
+
+Part protocols (what a plugin's ``load`` returns) are documented in CONTRIBUTING.md:
+
+* text encoder: ``encode(texts) -> (hidden, mask)``, ``identity``
+* transformer: ``make_denoiser(cond, uncond, *, guidance, height, width) -> denoise(x, sigma)``,
+  ``module`` (the ``nn.Module``, for adapters), ``identity``
+* VAE: ``decode(latents) -> images in [-1, 1]``, ``encode(images)``, ``contract``
+* sampler: ``sampler(denoise, x, sigmas, *, generator=None, callback=None, **options)``
+* filter: ``check_prompt(text)`` or ``check_image(image)`` -> Verdict
+* writer: ``write(image, path, metadata) -> Path``, ``extension``
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from krea2kit import __version__
+from krea2kit.errors import Krea2kitError, UsageError
+from krea2kit.locate import locate_weights
+from krea2kit.recipe.plan import Job, Plan
+from krea2kit.settings import Settings
+
+Events = Callable[..., None]
+
+
+def _no_events(event: str, **data: Any) -> None:
+    pass
+
+
+@dataclass
+class Record:
+    """What happened to one image; ``--json`` prints one of these per line."""
+
+    index: int
+    status: str  # "ok" | "blocked"
+    path: str | None
+    prompt: str | None
+    negative: str | None
+    seed: int
+    width: int
+    height: int
+    model: str
+    sampler: str
+    steps: int
+    guidance: float
+    guidance_convention: str
+    mu: float
+    run_id: str
+    sha256: str | None = None
+    blocked_by: list[str] = field(default_factory=list)
+    verdicts: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("model.device = cuda, but this machine has no usable CUDA device",
+                             key="model.device", hint="use device = \"auto\" or \"cpu\"")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise UsageError("model.device = mps, but MPS is not available", key="model.device")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(requested: str, device: str) -> str:
+    """Defaults per device: bf16 on CUDA, fp16 on MPS, fp32 on CPU (bf16 matmuls are slow there)."""
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return "bfloat16"
+    if device == "mps":
+        return "float16"
+    return "float32"
+
+
+class Pipeline:
+    """Loads parts on first use and keeps them for the life of the object."""
+
+    def __init__(self, settings: Settings, *, registry=None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._parts: dict[tuple, Any] = {}
+        self.identities: dict[str, dict[str, Any]] = {}  # role -> what was loaded (for metadata)
+
+    # -- parts -------------------------------------------------------------
+    def part(self, plan: Plan, role: str, *, device: str, dtype: str, events: Events) -> Any:
+        descriptor = plan.parts[role]
+        location, how = locate_weights(plan.model, role, plan.weights.get(role), self.settings)
+        config = getattr(plan.model, f"{role}_config", "")
+        key = (role, descriptor.plugin, descriptor.name, location, config, device, dtype)
+        if key not in self._parts:
+            events("load", role=role, name=descriptor.name, location=location, found_by=how)
+            start = time.perf_counter()
+            self._parts[key] = descriptor.load_part(
+                location, config=config, dtype=dtype, device=device, options=plan.plugin_options.get(descriptor.plugin),
+            )
+            events("loaded", role=role, name=descriptor.name, seconds=time.perf_counter() - start)
+        self.identities[role] = {
+            "name": descriptor.name, "plugin": descriptor.plugin, "weights": location,
+            "identity": getattr(self._parts[key], "identity", None),
+        }
+        return self._parts[key]
+
+    def release(self, role: str) -> None:
+        for key in [k for k in self._parts if k[0] == role]:
+            del self._parts[key]
+        gc.collect()
+
+    # -- the run -----------------------------------------------------------
+    def run(self, plan: Plan, *, events: Events | None = None, run_id: str | None = None) -> Iterator[Record]:
+        """Generate every job of ``plan``, yielding a :class:`Record` as each image is done."""
+        import torch
+
+        from krea2kit import sampling
+        from krea2kit.runtime.filters import FilterSet
+        from krea2kit.runtime.outputs import OutputPlanner
+
+        events = events or _no_events
+        run_id = run_id or uuid.uuid4().hex[:12]
+        recipe = plan.recipe
+        device = pick_device(recipe.model.device if recipe.model.device != "auto" else (self.settings.device or "auto"))
+        dtype_name = pick_dtype(recipe.model.dtype if recipe.model.dtype != "auto" else (self.settings.dtype or "auto"), device)
+        dtype = getattr(torch, dtype_name)
+        filters = FilterSet(plan, self.settings, run_id=run_id, events=events)
+        outputs = OutputPlanner(plan)
+
+        # 1. Prompt filters on everything that reaches the text encoder.
+        blocked_prompts = filters.check_prompts(plan.jobs)
+
+        # 2. Encode every prompt (and negative) first; the encoder can then be freed.
+        use_cfg = plan.guidance > 0
+        texts: list[str] = []
+        for job in plan.jobs:
+            if job.index in blocked_prompts:
+                continue
+            texts.append(job.prompt)
+            if use_cfg:
+                texts.append(job.negative)
+        unique = list(dict.fromkeys(texts))
+        conds: dict[str, Any] = {}
+        if unique:
+            encoder = self.part(plan, "text_encoder", device=device, dtype=dtype_name, events=events)
+            start = time.perf_counter()
+            events("stage", stage="encode", total=len(unique))
+            hidden, mask = encoder.encode(unique)
+            for note in getattr(encoder, "take_warnings", lambda: [])():
+                events("warning", message=note)
+            for i, text in enumerate(unique):
+                conds[text] = (hidden[i : i + 1], mask[i : i + 1])
+            encode_s = time.perf_counter() - start
+            if plan.model.release_text_encoder:
+                del encoder
+                self.release("text_encoder")
+        else:
+            encode_s = 0.0
+
+        dit = self.part(plan, "dit", device=device, dtype=dtype_name, events=events) if unique else None
+        vae = self.part(plan, "vae", device=device, dtype=dtype_name, events=events) if unique else None
+        sampler_fn = plan.parts["sampler"].load_part()
+        writer = plan.parts["writer"].load_part()
+        adapters = None
+        if dit is not None and recipe.loras:
+            from krea2kit.runtime.loras import attach_recipe_loras
+
+            adapters = attach_recipe_loras(plan, dit, events=events)
+
+        try:
+            for job in plan.jobs:
+                if job.index in blocked_prompts:
+                    yield self._blocked_record(plan, job, run_id, blocked_prompts[job.index])
+                    continue
+                yield self._generate(plan, job, run_id, dit, vae, sampler_fn, writer, conds, adapters,
+                                     filters, outputs, device, dtype, encode_s / max(len(plan.jobs), 1), events, sampling)
+        finally:
+            if adapters is not None:
+                adapters.detach()
+
+    def _base_record(self, plan: Plan, job: Job, run_id: str, mu: float) -> Record:
+        include = plan.recipe.output.include_prompt
+        return Record(
+            index=job.index, status="ok", path=None,
+            prompt=job.prompt if include else None, negative=job.negative if include else None,
+            seed=job.seed, width=job.width, height=job.height, model=plan.model.name,
+            sampler=plan.recipe.sampler.name or "", steps=plan.steps, guidance=plan.recipe.sampler.guidance or 0.0,
+            guidance_convention=plan.recipe.sampler.convention, mu=mu, run_id=run_id,
+        )
+
+    def _blocked_record(self, plan: Plan, job: Job, run_id: str, decision: Any) -> Record:
+        record = self._base_record(plan, job, run_id, float("nan"))
+        record.status = "blocked"
+        record.blocked_by = [v.filter for v in decision.blocking]
+        record.verdicts = [v.to_json() for v in decision.verdicts]
+        return record
+
+    def _generate(self, plan, job, run_id, dit, vae, sampler_fn, writer, conds, adapters, filters, outputs,
+                  device, dtype, encode_share, events, sampling) -> Record:
+        import torch
+
+        timings: dict[str, float] = {"encode": encode_share}
+        width, height, padded = sampling.aligned_size(job.width, job.height)
+        if padded:
+            events("warning", message=f"image {job.index}: {job.width}x{job.height} is not a multiple of 16; "
+                                      f"generating {width}x{height} and cropping back")
+        mu = plan.mu if plan.mu is not None else sampling.resolution_mu(sampling.image_tokens(width, height))
+        record = self._base_record(plan, job, run_id, mu)
+        events("job_start", job=job, total=len(plan.jobs), steps=plan.steps)
+
+        start = time.perf_counter()
+        contract = vae.contract
+        noise = sampling.initial_noise(job.seed, height, width, channels=contract.channels, factor=contract.factor,
+                                       device=device, dtype=dtype)
+        cond = conds[job.prompt]
+        uncond = conds[job.negative] if plan.guidance > 0 else None
+        denoise = dit.make_denoiser(cond, uncond, guidance=plan.guidance, height=height, width=width)
+        sigmas = sampling.flow_sigmas(plan.steps, mu)
+        generator = torch.Generator(device="cpu").manual_seed(job.seed)
+
+        def on_step(step: int, total: int, sigma: float, x: Any) -> None:
+            if adapters is not None:
+                adapters.set_step(step + 1, total)
+            events("step", job=job, step=step + 1, total=total)
+
+        if adapters is not None:
+            adapters.set_step(0, plan.steps)
+        with torch.inference_mode():
+            latents = sampler_fn(denoise, noise, sigmas, generator=generator, callback=on_step, **plan.sampler_options)
+            timings["denoise"] = time.perf_counter() - start
+            start = time.perf_counter()
+            decoded = vae.decode(latents)
+        image = sampling.to_pixels(decoded, size=(job.width, job.height))[0]
+        timings["decode"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        decision = filters.check_image(job, image)
+        timings["filter"] = time.perf_counter() - start
+        record.verdicts = [v.to_json() for v in decision.verdicts]
+        if decision.blocked:
+            record.status = "blocked"
+            record.blocked_by = [v.filter for v in decision.blocking]
+            events("job_end", record=record)
+            return record
+
+        start = time.perf_counter()
+        path = outputs.path_for(job, writer)
+        metadata = outputs.metadata(job, record, parts=self.identities, filters=filters)
+        written = writer.write(image, path, metadata)
+        timings["write"] = time.perf_counter() - start
+        record.path = str(written)
+        record.sha256 = hashlib.sha256(Path(written).read_bytes()).hexdigest()
+        record.timings = {k: round(v, 4) for k, v in timings.items()}
+        events("job_end", record=record)
+        return record
+
+
+def plugin_versions(host) -> dict[str, str]:
+    return {name: info.version for name, info in host.plugins.items()}
+
+
+__all__ = ["Pipeline", "Record", "Krea2kitError", "pick_device", "pick_dtype", "__version__"]

@@ -1,0 +1,246 @@
+"""Planning: a validated recipe + the registry -> resolved settings and a list of jobs.
+
+Everything that can be wrong with a recipe is found here, before any weights load:
+unknown parts, sampler options, plugin tables, slider bindings, a VAE whose latent
+space does not fit the transformer, missing prompts, unset environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from krea2kit.errors import RecipeError
+from krea2kit.recipe.errors import did_you_mean, validate_model
+from krea2kit.recipe.loader import LoadedRecipe, ensure_schema_id
+from krea2kit.recipe.schema import EnvRef, Recipe
+from krea2kit.registry import Descriptor, ModelDescriptor, Registry
+from krea2kit.settings import Settings
+
+# The model a recipe gets when it names none: the embedded nano family (no download).
+DEFAULT_MODEL = "krea2-nano-turbo"
+ROLES = ("dit", "text_encoder", "vae")
+
+
+@dataclass
+class Job:
+    """One image to make."""
+
+    index: int  # position in the run (0-based)
+    prompt_index: int  # which prompt entry it came from
+    prompt: str
+    negative: str
+    seed: int
+    width: int
+    height: int
+    label: str = ""
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    loaded: LoadedRecipe
+    model: ModelDescriptor
+    parts: dict[str, Descriptor]  # dit, text_encoder, vae, sampler, writer
+    sampler_options: dict[str, Any]
+    steps: int
+    guidance: float  # always in the Krea convention (v = cond + g(cond - uncond))
+    mu: float | None  # None: resolution-aware
+    weights: dict[str, str | None]  # role -> location the recipe asked for (None: let the loader find it)
+    jobs: list[Job]
+    slider_parts: list[tuple[Any, Descriptor, Any]] = field(default_factory=list)  # (entry, kind, options)
+    filters: list[tuple[Descriptor, Any]] = field(default_factory=list)
+    plugin_options: dict[str, Any] = field(default_factory=dict)
+    plugin_versions: dict[str, str] = field(default_factory=dict)  # filled at run time, for metadata
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    def resolved(self) -> dict[str, Any]:
+        """The fully resolved recipe as plain data (what `recipe show` prints)."""
+        return self.recipe.model_dump(mode="json", by_alias=True, exclude={"extends"})
+
+
+def _env(ref: Any, key: str, loaded: LoadedRecipe) -> str | None:
+    if ref is None:
+        return None
+    if isinstance(ref, EnvRef):
+        value = os.environ.get(ref.env, ref.default)
+        if value is None:
+            raise RecipeError(
+                f"environment variable {ref.env} is not set",
+                file=loaded.file_of(key), key=key,
+                hint=f"export {ref.env}=/path/to/weights, or give {{env = \"{ref.env}\", default = \"...\"}}",
+            )
+        return value
+    return ref
+
+
+def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
+                prompts: list[str] | None = None) -> Plan:
+    """Validate ``loaded`` against the schema and the registry and expand it into jobs.
+
+    ``prompts`` (from ``--prompt`` or stdin) replace the recipe's prompts.
+    """
+    ensure_schema_id(loaded)
+    f_ = loaded.file_of
+    if prompts:
+        loaded.data.pop("prompts", None)
+        loaded.data["prompt"] = prompts[0]
+        if len(prompts) > 1:
+            loaded.data.pop("prompt")
+            loaded.data["prompts"] = [{"text": p} for p in prompts]
+        loaded.provenance["prompt"] = loaded.provenance["prompts"] = "--prompt"
+    safety = loaded.data.get("safety")
+    if isinstance(safety, dict):
+        for key in ("enabled", "enable", "disable", "disabled", "off", "unfiltered", "mandatory"):
+            if key in safety:
+                raise RecipeError(
+                    "content filters cannot be switched off by a recipe (Krea 2 licence, section 4.2)",
+                    file=f_(f"safety.{key}"), key=f"safety.{key}",
+                    hint="a deployer can, with safety.unfiltered = true in the user config (`krea2kit config`); "
+                         "every image then records that it was produced unfiltered",
+                )
+    recipe: Recipe = validate_model(Recipe, loaded.data, file=loaded.path, provenance=loaded.provenance)
+    f = loaded.file_of
+
+    # Model and its parts.
+    preset_name = recipe.model.preset or settings.default_model or DEFAULT_MODEL
+    model: ModelDescriptor = registry.get("model", preset_name, key="model.preset", file=f("model.preset"))  # type: ignore[assignment]
+    recipe.model.preset = preset_name
+    parts: dict[str, Descriptor] = {}
+    for role in ROLES:
+        name = getattr(recipe.model, role) or getattr(model, role)
+        parts[role] = registry.get(role, name, key=f"model.{role}", file=f(f"model.{role}"))
+        setattr(recipe.model, role, name)
+    contract = getattr(parts["vae"], "contract", None)
+    if contract is not None and (contract.channels != model.latent_channels or contract.factor != model.latent_factor):
+        raise RecipeError(
+            f"VAE {parts['vae'].name!r} produces {contract.describe()}, but the transformer of "
+            f"{model.name!r} takes {model.latent_channels} channels at 1/{model.latent_factor} scale",
+            file=f("model.vae"), key="model.vae",
+            hint="choose a VAE whose latent space matches the model (see `krea2kit plugins`)",
+        )
+
+    # Sampler: defaults from the preset, then the sampler's own options.
+    s = recipe.sampler
+    s.name = s.name or model.sampler
+    parts["sampler"] = registry.get("sampler", s.name, key="sampler.name", file=f("sampler.name"))
+    extra = s.extra_options()
+    options_model = parts["sampler"].options_model()
+    if extra and options_model is None:
+        common = list(type(s).model_fields)
+        bad = sorted(extra)[0]
+        raise RecipeError(
+            f"unknown key{did_you_mean(bad, common)}",
+            file=f(f"sampler.{bad}"), key=f"sampler.{bad}",
+            hint=f"sampler {s.name!r} takes no options of its own; common keys: {', '.join(common)}",
+        )
+    sampler_options = {}
+    if options_model is not None:
+        own = list(options_model.model_fields)
+        for key in sorted(extra):
+            if key not in own:
+                raise RecipeError(
+                    f"unknown key{did_you_mean(key, own + list(type(s).model_fields))}",
+                    file=f(f"sampler.{key}"), key=f"sampler.{key}",
+                    hint=f"sampler {s.name!r} options: {', '.join(own) or 'none'}; common keys: "
+                         f"{', '.join(type(s).model_fields)}",
+                )
+        validated = validate_model(options_model, extra, file=loaded.path, prefix="sampler", provenance=loaded.provenance)
+        sampler_options = validated.model_dump()
+    s.steps = s.steps or model.steps
+    if s.guidance is None:
+        s.guidance = model.guidance if s.convention == "krea" else model.guidance + 1.0
+    guidance = s.guidance if s.convention == "krea" else max(s.guidance - 1.0, 0.0)
+    if s.mu is None:
+        s.mu = model.mu if model.mu is not None else "auto"
+    mu = None if s.mu == "auto" else float(s.mu)
+
+    # Sizes and prompts.
+    recipe.width = recipe.width or model.width
+    recipe.height = recipe.height or model.height
+    entries = list(recipe.prompts)
+    if recipe.prompt is not None:
+        from krea2kit.recipe.schema import PromptEntry
+
+        entries.insert(0, PromptEntry(text=recipe.prompt))
+    if not entries:
+        raise RecipeError(
+            "the recipe has no prompt",
+            file=loaded.path, key="prompt",
+            hint="add prompt = \"...\" or [[prompts]] entries, or pass --prompt TEXT",
+        )
+    jobs: list[Job] = []
+    triggers = [lora.trigger for lora in recipe.loras if lora.trigger]
+    for pi, entry in enumerate(entries):
+        text = entry.text
+        for trig in triggers:
+            if trig not in text:
+                text = f"{text}, {trig}" if text else trig
+        seed = entry.seed if entry.seed is not None else recipe.seed
+        count = entry.count or recipe.count
+        for i in range(count):
+            jobs.append(Job(
+                index=len(jobs), prompt_index=pi, prompt=text,
+                negative=entry.negative if entry.negative is not None else recipe.negative,
+                seed=seed + i, width=entry.width or recipe.width, height=entry.height or recipe.height,
+                label=entry.name or "",
+            ))
+
+    # Weights the recipe names (env indirection resolved now, files checked by the loaders).
+    weights = {role: _env(getattr(recipe.model.weights, role), f"model.weights.{role}", loaded) for role in ROLES}
+    for i, lora in enumerate(recipe.loras):
+        path = _env(lora.path, f"loras[{i}].path", loaded)
+        lora.path = path  # type: ignore[assignment]
+        if not lora.name:
+            from pathlib import Path
+
+            lora.name = Path(path).stem
+
+    # Output writer.
+    parts["writer"] = registry.get("writer", recipe.output.format, key="output.format", file=f("output.format"))
+
+    plan = Plan(recipe=recipe, loaded=loaded, model=model, parts=parts, sampler_options=sampler_options,
+                steps=s.steps, guidance=guidance, mu=mu, weights=weights, jobs=jobs)
+
+    # Sliders: kind from the registry, LoRA bindings checked by name.
+    lora_names = [lora.name for lora in recipe.loras]
+    for i, slider in enumerate(recipe.sliders):
+        kind = registry.get("slider", slider.kind, key=f"sliders[{i}].kind", file=f("sliders"))
+        options = kind.validate_options(dict(slider.model_extra or {}), where=f"sliders[{i}]", file=f("sliders"))
+        for bound in getattr(options, "loras", None) or []:
+            if bound not in lora_names:
+                raise RecipeError(
+                    f"slider {slider.name!r} is bound to LoRA {bound!r}, which is not in [[loras]]" + did_you_mean(bound, lora_names),
+                    file=f("sliders"), key=f"sliders[{i}].loras",
+                    hint=f"[[loras]] names: {', '.join(lora_names) or 'none'}",
+                )
+        plan.slider_parts.append((slider, kind, options))
+
+    # Filters: every registered mandatory one, plus those the recipe enables.
+    for i, name in enumerate(recipe.safety.filters):
+        registry.get("filter", name, key=f"safety.filters[{i}]", file=f("safety.filters"))
+    chosen = [d for d in registry.all("filter") if getattr(d, "mandatory", False) or d.name in recipe.safety.filters]
+    known_filters = [d.name for d in registry.all("filter")]
+    for name in recipe.safety.settings:
+        if name not in known_filters:
+            raise RecipeError(f"no filter named {name!r}" + did_you_mean(name, known_filters),
+                              file=f("safety.settings"), key=f"safety.settings.{name}")
+    for d in chosen:
+        values = dict(recipe.safety.settings.get(d.name, {}))
+        plan.filters.append((d, d.validate_options(values, where=f"safety.settings.{d.name}", file=f("safety.settings"))))
+
+    # [plugins.<name>] tables.
+    tables = {d.name: d for d in registry.all("options")}
+    for name, values in recipe.plugins.items():
+        if name not in tables:
+            raise RecipeError(
+                f"no plugin declares a [plugins.{name}] table" + did_you_mean(name, list(tables)),
+                file=f(f"plugins.{name}"), key=f"plugins.{name}",
+                hint=f"tables declared: {', '.join(sorted(tables)) or 'none'}",
+            )
+        plan.plugin_options[name] = tables[name].validate_options(values, where=f"plugins.{name}", file=f(f"plugins.{name}"))
+    return plan

@@ -1,0 +1,179 @@
+"""The recipe schema, version 1 (``schema = "krea2kit.recipe/1"``).
+
+Every table forbids unknown keys. Values left out (``None``) are filled from the model
+preset when the recipe is resolved (``krea2kit recipe show`` prints the result).
+Sampler-specific settings sit in ``[sampler]`` beside the common ones and are checked
+against the schema the chosen sampler declares; ``[plugins.<name>]`` tables are
+checked against the schema that plugin declares.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from krea2kit.recipe import SCHEMA_ID
+
+# Pixel sizes: at least one 16-pixel patch cell, at most what anyone renders on one GPU.
+MIN_SIZE = 16
+MAX_SIZE = 8192
+
+Size = Annotated[int, Field(ge=MIN_SIZE, le=MAX_SIZE)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class EnvRef(Strict):
+    """``{env = "VAR"}``: the value comes from an environment variable (optional default)."""
+
+    env: str = Field(min_length=1)
+    default: str | None = None
+
+
+WeightRef = Union[str, EnvRef]
+
+
+class Weights(Strict):
+    dit: WeightRef | None = Field(None, description="Transformer weights: a .safetensors file or a diffusers transformer/ folder")
+    text_encoder: WeightRef | None = Field(None, description="Text encoder folder (weights + tokenizer.json)")
+    vae: WeightRef | None = Field(None, description="VAE weights: a file or a diffusers vae/ folder")
+
+
+class ModelSection(Strict):
+    preset: str | None = Field(None, description="Model preset name (see `krea2kit plugins`); default: the built-in default model")
+    dit: str | None = Field(None, description="Override the preset's transformer part")
+    text_encoder: str | None = Field(None, description="Override the preset's text-encoder part")
+    vae: str | None = Field(None, description="Override the preset's VAE part")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    weights: Weights = Field(default_factory=Weights)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        base = value.split(":", 1)[0]
+        if base not in {"auto", "cpu", "cuda", "mps"} or (":" in value and not value.split(":", 1)[1].isdigit()):
+            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
+class SamplerSection(BaseModel):
+    """Common sampler settings; other keys are the chosen sampler's own options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = Field(None, description="Sampler name (default: the preset's)")
+    steps: Annotated[int, Field(ge=1, le=1000)] | None = None
+    guidance: Annotated[float, Field(ge=0.0, le=100.0)] | None = Field(
+        None, description="Guidance strength in the convention below; Krea: v = cond + g(cond - uncond), on when g > 0")
+    convention: Literal["krea", "standard"] = Field(
+        "krea", description="'krea': v = cond + g(cond-uncond); 'standard': v = uncond + s(cond-uncond), s = g + 1")
+    mu: float | Literal["auto"] | None = Field(
+        None, description="Shift mu; 'auto' = resolution-aware (0.5 at 256 tokens to 1.15 at 6400, unclamped)")
+
+    def extra_options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _standard_guidance(self):
+        if self.convention == "standard" and self.guidance is not None and 0 < self.guidance < 1:
+            raise ValueError("with convention = 'standard' the guidance scale s must be 0 (off) or >= 1 (s = 1 + Krea g)")
+        return self
+
+
+class PromptEntry(Strict):
+    text: str = Field(description="The prompt")
+    negative: str | None = None
+    seed: Seed | None = None
+    count: Annotated[int, Field(ge=1, le=10000)] | None = None
+    width: Size | None = None
+    height: Size | None = None
+    name: str | None = Field(None, description="A label used in output file names ({name})")
+
+
+class LoraEntry(Strict):
+    path: WeightRef
+    strength: float = 1.0
+    name: str | None = Field(None, description="Label for sliders and metadata (default: the file stem)")
+    trigger: str | None = Field(None, description="Appended to every prompt when the LoRA is active")
+    steps: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="[start, end): apply only on these sampler steps")
+    strict: bool = Field(False, description="Error on keys that match no module instead of listing them")
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.steps is not None and self.steps[0] >= self.steps[1]:
+            raise ValueError("steps = [start, end) needs start < end")
+        return self
+
+
+class SliderEntry(BaseModel):
+    """A named control; other keys are the slider kind's own settings."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    value: float = 0.0
+    kind: str = "lora"
+
+
+class SafetySection(Strict):
+    filters: list[str] = Field(default_factory=list, description="Optional filters to enable in addition to the mandatory ones")
+    settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-filter settings, e.g. {nsfw-image = {threshold = 0.7}}")
+
+
+class OutputSection(Strict):
+    dir: str = Field("krea2kit-out", description="Output folder (relative to the working directory)")
+    name: str = Field("{recipe}-{index:04d}-{seed}", description="File name template without extension")
+    format: str = Field("png", description="Writer name: png, jpeg, webp or a plugin's")
+    quality: Annotated[int, Field(ge=1, le=100)] | None = None
+    metadata: bool = Field(True, description="Write generation parameters and the recipe into the image (the AI marker is always written)")
+    include_prompt: bool = Field(True, description="Keep the prompt text in the metadata (false: privacy)")
+    overwrite: bool = Field(False, description="Replace existing files instead of adding -2, -3, ...")
+
+
+class Recipe(Strict):
+    """A whole generation run."""
+
+    schema_: Literal["krea2kit.recipe/1"] = Field(SCHEMA_ID, alias="schema")
+    extends: str | list[str] | None = Field(None, description="Recipe(s) this one builds on, relative to this file")
+    description: str = ""
+    prompt: str | None = Field(None, description="A single prompt (or use [[prompts]])")
+    negative: str = Field("", description="Default negative prompt")
+    seed: Seed = 0
+    count: Annotated[int, Field(ge=1, le=10000)] = 1
+    width: Size | None = None
+    height: Size | None = None
+    prompts: list[PromptEntry] = Field(default_factory=list)
+    model: ModelSection = Field(default_factory=ModelSection)
+    sampler: SamplerSection = Field(default_factory=SamplerSection)
+    loras: list[LoraEntry] = Field(default_factory=list)
+    sliders: list[SliderEntry] = Field(default_factory=list)
+    safety: SafetySection = Field(default_factory=SafetySection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [lora.name for lora in self.loras if lora.name]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"LoRA names must be unique, repeated: {', '.join(dupes)}")
+        sliders = [s.name for s in self.sliders]
+        dupes = sorted({n for n in sliders if sliders.count(n) > 1})
+        if dupes:
+            raise ValueError(f"slider names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+def json_schema() -> dict:
+    """JSON Schema of the recipe (for editors that complete TOML keys from it)."""
+    schema = Recipe.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://krea2kit.invalid/schema/{SCHEMA_ID}.json"
+    schema["title"] = "krea2kit recipe"
+    return schema

@@ -1,0 +1,235 @@
+"""Typed registries of light descriptors.
+
+A descriptor names a part, says what it is for, declares its options schema and knows
+how to ``load()`` it. Nothing heavy is imported until ``load`` runs, so ``krea2kit
+plugins`` and ``--help`` stay fast and torch-free.
+
+Schemas may be given as a pydantic model class or as a lazy ``"module:Class"`` string,
+so a plugin can keep a torch-importing module out of the listing path.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from krea2kit.errors import PluginError, RecipeError
+
+
+def resolve_ref(ref: Any) -> Any:
+    """Turn a lazy ``"package.module:attr"`` reference into the object it names."""
+    if not isinstance(ref, str):
+        return ref
+    module_name, _, attr = ref.partition(":")
+    if not attr:
+        raise PluginError(f"bad lazy reference {ref!r}: expected 'module:attribute'")
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """Common fields of every registered part."""
+
+    kind: ClassVar[str] = "part"
+    name: str
+    summary: str
+    load: Callable[..., Any] | str | None = None
+    options: Any = None  # pydantic model class, "module:Class", or None
+    version: str = ""
+    plugin: str = field(default="", compare=False)  # filled in by the host
+
+    def load_part(self, *args: Any, **kwargs: Any) -> Any:
+        if self.load is None:
+            raise PluginError(f"{self.kind} {self.name!r} from plugin {self.plugin!r} has nothing to load")
+        return resolve_ref(self.load)(*args, **kwargs)
+
+    def options_model(self):
+        return resolve_ref(self.options) if self.options is not None else None
+
+    def validate_options(self, values: dict, *, where: str, file: str | None = None) -> Any:
+        """Validate ``values`` with this part's options schema (``None`` if it has none)."""
+        model = self.options_model()
+        if model is None:
+            if values:
+                raise RecipeError(
+                    f"{self.kind} {self.name!r} takes no options, got {', '.join(sorted(values))}",
+                    file=file, key=where,
+                )
+            return None
+        from krea2kit.recipe.errors import validate_model
+
+        return validate_model(model, values, file=file, prefix=where)
+
+    def to_json(self) -> dict:
+        out = {"kind": self.kind, "name": self.name, "summary": self.summary}
+        if self.version:
+            out["version"] = self.version
+        for f in fields(self):
+            if f.name in {"name", "summary", "load", "options", "version", "plugin"}:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, (str, int, float, bool, type(None), list, tuple, dict)):
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+@dataclass(frozen=True)
+class ModelDescriptor(Descriptor):
+    """A model preset: which parts make it and the sampling defaults it was made for.
+
+    ``weights`` maps a part role ("dit", "text_encoder", "vae") to a default location
+    (a path, ``"package:relative/path"`` for weights shipped in a package, or "" when
+    the user must supply it); ``hf_repos`` names Hugging Face repos whose existing
+    local cache may hold them (never downloaded implicitly).
+    """
+
+    kind: ClassVar[str] = "model"
+    dit: str = "krea2"
+    text_encoder: str = "qwen3-vl"
+    vae: str = "qwen-image"
+    dit_config: str = ""
+    text_encoder_config: str = ""
+    vae_config: str = ""
+    sampler: str = "euler"
+    steps: int = 8
+    guidance: float = 0.0
+    mu: float | None = None  # None = resolution-aware shift
+    width: int = 1024
+    height: int = 1024
+    latent_channels: int = 16  # what the transformer consumes (checked against the VAE contract)
+    latent_factor: int = 8
+    release_text_encoder: bool = True  # free the encoder once prompts are encoded (big models)
+    weights: dict = field(default_factory=dict, hash=False, compare=False)
+    hf_repos: tuple = ()
+    weights_env: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class DiTDescriptor(Descriptor):
+    kind: ClassVar[str] = "dit"
+
+
+@dataclass(frozen=True)
+class VAEDescriptor(Descriptor):
+    kind: ClassVar[str] = "vae"
+    contract: Any = None  # LatentContract of the latents it produces
+
+
+@dataclass(frozen=True)
+class TextEncoderDescriptor(Descriptor):
+    kind: ClassVar[str] = "text_encoder"
+
+
+@dataclass(frozen=True)
+class SamplerDescriptor(Descriptor):
+    kind: ClassVar[str] = "sampler"
+    stochastic: bool = False
+
+
+@dataclass(frozen=True)
+class LoraFormatDescriptor(Descriptor):
+    kind: ClassVar[str] = "lora_format"
+
+
+@dataclass(frozen=True)
+class SliderDescriptor(Descriptor):
+    kind: ClassVar[str] = "slider"
+
+
+@dataclass(frozen=True)
+class FilterDescriptor(Descriptor):
+    """A content filter. ``kind_of_input`` is "prompt" or "image". ``mandatory`` filters
+    can be switched off only by the deployer's settings, never by a recipe."""
+
+    kind: ClassVar[str] = "filter"
+    target: str = "image"
+    mandatory: bool = False
+
+
+@dataclass(frozen=True)
+class WriterDescriptor(Descriptor):
+    kind: ClassVar[str] = "writer"
+    extension: str = ""
+
+
+@dataclass(frozen=True)
+class OptionsDescriptor(Descriptor):
+    """The schema of a plugin's ``[plugins.<name>]`` table; ``name`` is the table name."""
+
+    kind: ClassVar[str] = "options"
+
+
+# hook name -> descriptor class it accepts
+HOOK_KINDS: dict[str, type[Descriptor]] = {
+    "register_models": ModelDescriptor,
+    "register_dits": DiTDescriptor,
+    "register_vaes": VAEDescriptor,
+    "register_text_encoders": TextEncoderDescriptor,
+    "register_samplers": SamplerDescriptor,
+    "register_lora_formats": LoraFormatDescriptor,
+    "register_sliders": SliderDescriptor,
+    "register_filters": FilterDescriptor,
+    "register_writers": WriterDescriptor,
+    "register_options": OptionsDescriptor,
+}
+KINDS: dict[str, type[Descriptor]] = {cls.kind: cls for cls in HOOK_KINDS.values()}
+
+
+class Registry:
+    """All registered parts, by kind and name. Two plugins registering the same name is a
+    clash: it is reported, and the name can then only be used as ``plugin:name``."""
+
+    def __init__(self) -> None:
+        self._parts: dict[str, dict[str, list[Descriptor]]] = {k: {} for k in KINDS}
+
+    def add(self, descriptor: Descriptor) -> None:
+        self._parts[descriptor.kind].setdefault(descriptor.name, []).append(descriptor)
+
+    @property
+    def clashes(self) -> dict[tuple[str, str], list[str]]:
+        """(kind, name) -> the plugins that all registered it."""
+        return {
+            (kind, name): [d.plugin for d in found]
+            for kind, table in self._parts.items()
+            for name, found in table.items()
+            if len(found) > 1
+        }
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._parts[kind])
+
+    def all(self, kind: str) -> list[Descriptor]:
+        """Every descriptor of a kind, clashing ones included, sorted by name then plugin."""
+        return [d for n in sorted(self._parts[kind]) for d in self._parts[kind][n]]
+
+    def get(self, kind: str, name: str, *, key: str | None = None, file: str | None = None) -> Descriptor:
+        """Find a part by name; ``plugin:name`` picks one side of a clash."""
+        plugin = None
+        if ":" in name:
+            plugin, _, name = name.partition(":")
+        found = self._parts[kind].get(name, [])
+        if plugin is not None:
+            found = [d for d in found if d.plugin == plugin]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            owners = ", ".join(d.plugin for d in found)
+            raise RecipeError(
+                f"{kind.replace('_', ' ')} {name!r} is registered by several plugins ({owners})",
+                file=file, key=key,
+                hint=f"name the one you want as 'PLUGIN:{name}', or choose plugins with KREA2KIT_PLUGINS",
+            )
+        from krea2kit.recipe.errors import did_you_mean
+
+        known = self.names(kind)
+        label = kind.replace("_", " ")
+        raise RecipeError(
+            f"unknown {label} {name!r}" + (f" from plugin {plugin!r}" if plugin else "") + did_you_mean(name, known),
+            file=file, key=key,
+            hint=f"registered {label}s: {', '.join(known) or 'none'} (see `krea2kit plugins`)",
+        )
