@@ -183,7 +183,7 @@ class Pipeline:
         dit = self.part(plan, "dit", device=device, dtype=dtype_name, events=events) if unique else None
         vae = self.part(plan, "vae", device=device, dtype=dtype_name, events=events) if unique else None
         sampler_fn = plan.parts["sampler"].load_part()
-        writer = plan.parts["writer"].load_part()
+        writer = plan.parts["writer"].load_part(options=plan.plugin_options.get(plan.parts["writer"].plugin))
         adapters = None
         if dit is not None and recipe.loras:
             from krea2kit.runtime.loras import attach_recipe_loras
@@ -215,7 +215,7 @@ class Pipeline:
         record = self._base_record(plan, job, run_id, float("nan"))
         record.status = "blocked"
         record.blocked_by = [v.filter for v in decision.blocking]
-        record.verdicts = [v.to_json() for v in decision.verdicts]
+        record.verdicts = [v.to_dict() for v in decision.verdicts]
         return record
 
     def _generate(self, plan, job, run_id, dit, vae, sampler_fn, writer, conds, adapters, filters, outputs,
@@ -259,7 +259,7 @@ class Pipeline:
         start = time.perf_counter()
         decision = filters.check_image(job, image)
         timings["filter"] = time.perf_counter() - start
-        record.verdicts = [v.to_json() for v in decision.verdicts]
+        record.verdicts = [v.to_dict() for v in decision.verdicts]
         if decision.blocked:
             record.status = "blocked"
             record.blocked_by = [v.filter for v in decision.blocking]
@@ -268,8 +268,8 @@ class Pipeline:
 
         start = time.perf_counter()
         path = outputs.path_for(job, writer)
-        metadata = outputs.metadata(job, record, parts=self.identities, filters=filters)
-        written = writer.write(image, path, metadata)
+        info = outputs.info(job, record, parts=self.identities, filters=filters, image_decision=decision)
+        written = writer.write(image, path, info)
         timings["write"] = time.perf_counter() - start
         record.path = str(written)
         record.sha256 = hashlib.sha256(Path(written).read_bytes()).hexdigest()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class PromptRulesOptions(BaseModel):
@@ -17,6 +17,14 @@ class PromptRulesOptions(BaseModel):
 
     extra_terms: dict[str, list[str]] = Field(
         default_factory=dict, description="More terms per list (e.g. {sexual_explicit = [\"...\"]}): stricter only")
+
+    @field_validator("extra_terms")
+    @classmethod
+    def _stricter_only(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        loosening = sorted(k for k in value if k.replace("-", "_").lower() in {"allow", "allow_phrases", "allowlist"})
+        if loosening:
+            raise ValueError("a recipe may only add blocking terms; allow-lists are a deployer setting")
+        return value
 
 
 class NsfwImageOptions(BaseModel):

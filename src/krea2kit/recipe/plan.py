@@ -200,11 +200,18 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
 
             lora.name = Path(path).stem
 
-    # Output writer.
+    # Output writer and file names.
     parts["writer"] = registry.get("writer", recipe.output.format, key="output.format", file=f("output.format"))
 
     plan = Plan(recipe=recipe, loaded=loaded, model=model, parts=parts, sampler_options=sampler_options,
                 steps=s.steps, guidance=guidance, mu=mu, weights=weights, jobs=jobs)
+    from krea2kit.errors import UsageError
+    from krea2kit.runtime.outputs import check_template
+
+    try:
+        check_template(plan)
+    except UsageError as exc:
+        raise RecipeError(exc.message, file=f("output.name"), key="output.name", hint=exc.hint) from None
 
     # Sliders: kind from the registry, LoRA bindings checked by name.
     lora_names = [lora.name for lora in recipe.loras]

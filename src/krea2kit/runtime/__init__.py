@@ -1,0 +1,1 @@
+"""Run-time glue between the plan and the parts: filters, outputs, adapters."""
