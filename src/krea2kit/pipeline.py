@@ -119,6 +119,7 @@ class Pipeline:
             start = time.perf_counter()
             self._parts[key] = descriptor.load_part(
                 location, config=config, dtype=dtype, device=device, options=plan.plugin_options.get(descriptor.plugin),
+                settings=self.settings,
             )
             events("loaded", role=role, name=descriptor.name, seconds=time.perf_counter() - start)
         self.identities[role] = {
@@ -181,6 +182,8 @@ class Pipeline:
             encode_s = 0.0
 
         dit = self.part(plan, "dit", device=device, dtype=dtype_name, events=events) if unique else None
+        if dit is not None:
+            check_text_fits(plan, dit, conds)
         vae = self.part(plan, "vae", device=device, dtype=dtype_name, events=events) if unique else None
         sampler_fn = plan.parts["sampler"].load_part()
         writer = plan.parts["writer"].load_part(options=plan.plugin_options.get(plan.parts["writer"].plugin))
@@ -276,6 +279,24 @@ class Pipeline:
         record.timings = {k: round(v, 4) for k, v in timings.items()}
         events("job_end", record=record)
         return record
+
+
+def check_text_fits(plan: Plan, dit: Any, conds: dict[str, Any]) -> None:
+    """The encoder's hidden states must have the shape the transformer's text fusion takes."""
+    from krea2kit.errors import WeightsError
+
+    config = getattr(getattr(dit, "module", None), "config", None)
+    if config is None or not conds:
+        return
+    hidden = next(iter(conds.values()))[0]
+    taps, width = hidden.shape[-2], hidden.shape[-1]
+    if (taps, width) != (config.txtlayers, config.txtdim):
+        raise WeightsError(
+            f"the text encoder gives {taps} tapped layers of width {width}, but the transformer of "
+            f"{plan.model.name!r} fuses {config.txtlayers} layers of width {config.txtdim}",
+            key="model.weights.text_encoder",
+            hint="use the text encoder this transformer was trained with (Krea 2: Qwen3-VL-4B-Instruct)",
+        )
 
 
 def plugin_versions(host) -> dict[str, str]:

@@ -25,7 +25,8 @@ class DiTPart:
                              latent_hw=(height // 8, width // 8), **kwargs)
 
 
-def load(location: str, *, config: str = "", dtype: str = "float32", device: str = "cpu", options=None) -> DiTPart:
+def load(location: str, *, config: str = "", dtype: str = "float32", device: str = "cpu", options=None,
+         settings=None) -> DiTPart:
     import torch
 
     from krea2kit.models.dit import PRESETS

@@ -1,0 +1,67 @@
+"""The built-in Qwen3-VL text conditioner as a pipeline part, with the prompt cache."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+
+class TextEncoderPart:
+    """``encode(texts) -> (hidden (B, L, taps, D), mask (B, L))``; truncation notes are
+    collected for the CLI to print on stderr."""
+
+    def __init__(self, encoder: Any, cache: Any | None) -> None:
+        self.encoder = encoder
+        self.cache = cache
+        self.identity = encoder.identity
+        self.hidden_size = encoder.hidden_size
+        self._notes: list[str] = []
+
+    def encode(self, texts: list[str]):
+        from krea2kit.models.tokenizer import PromptTruncatedWarning
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PromptTruncatedWarning)
+            hidden, mask = self.encoder.encode(texts, cache=self.cache)
+        self._notes.extend(str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning))
+        return hidden, mask
+
+    def take_warnings(self) -> list[str]:
+        notes, self._notes = self._notes, []
+        return notes
+
+
+TAPS_FILE = "krea2kit.json"  # optional, beside the weights: {"taps": [...]} for models tapped elsewhere
+
+
+def taps_for(location: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """The tapped layers: Krea 2's (2, 5, ..., 35) unless the model folder says otherwise."""
+    import json
+    from pathlib import Path
+
+    folder = Path(location)
+    folder = folder if folder.is_dir() else folder.parent
+    extra = folder / TAPS_FILE
+    if extra.is_file():
+        from krea2kit.errors import WeightsError
+
+        try:
+            return tuple(int(t) for t in json.loads(extra.read_text())["taps"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WeightsError(f"invalid {TAPS_FILE}: {exc}", file=str(extra)) from None
+    return default
+
+
+def load(location: str, *, config: str = "", dtype: str = "float32", device: str = "cpu", options=None,
+         settings=None) -> TextEncoderPart:
+    import torch
+
+    from krea2kit.conditioning import PromptEmbeddingCache, load_text_encoder
+    from krea2kit.models.text_encoder import KREA2_TAPS
+
+    encoder = load_text_encoder(location, taps=taps_for(location, KREA2_TAPS), dtype=getattr(torch, dtype),
+                                device=device)
+    cache = None
+    if settings is not None and settings.cache.prompt_embeddings:
+        cache = PromptEmbeddingCache(settings.cache_root() / "prompt-embeddings")
+    return TextEncoderPart(encoder, cache)
