@@ -11,6 +11,7 @@ from krea2kit.registry import (
     FilterDescriptor,
     ModelDescriptor,
     SamplerDescriptor,
+    SliderDescriptor,
     TextEncoderDescriptor,
     VAEDescriptor,
     WriterDescriptor,
@@ -130,7 +131,16 @@ def register_filters(register):
 
 
 @hookimpl
+def register_sliders(register):
+    register(SliderDescriptor(
+        name="lora", summary="Drive [[loras]] strengths with one value (concept sliders, style dials)",
+        load="krea2kit.parts.sliders:load", options="krea2kit.parts.sliders:LoraSliderOptions"))
+
+
+@hookimpl
 def register_commands(cli):
+    from krea2kit.adapters.cli import lora_group
     from krea2kit.cli.vae_cmd import vae
 
     cli.add_command(vae)
+    cli.add_command(lora_group)

@@ -245,7 +245,8 @@ class Pipeline:
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
 
         def on_step(step: int, total: int, sigma: float, x: Any) -> None:
-            if adapters is not None:
+            # the sampler calls back after step `step`; the next model call is step + 1
+            if adapters is not None and step + 1 < total:
                 adapters.set_step(step + 1, total)
             events("step", job=job, step=step + 1, total=total)
 

@@ -139,6 +139,16 @@ def run_command(out: Output, recipe: str | None, overrides: list[str], prompts: 
 
 
 def execute(out: Output, session, plan, *, as_json: bool) -> int:
+    records = execute_collect(out, session, plan, as_json=as_json)
+    blocked = [r for r in records if r.status == "blocked"]
+    if blocked:
+        out.warn(f"{len(blocked)} of {len(records)} image(s) blocked by content filters; they were not written")
+        return EXIT_BLOCKED
+    return EXIT_OK
+
+
+def execute_collect(out: Output, session, plan, *, as_json: bool) -> list:
+    """Run a plan, print each result as it comes, show the summary; return the records."""
     records = []
     started = time.perf_counter()
     with Progress(out, len(plan.jobs)) as progress:
@@ -149,8 +159,4 @@ def execute(out: Output, session, plan, *, as_json: bool) -> int:
             elif as_json:
                 out.data(json.dumps(record.to_json()))
     _summary(out, records, time.perf_counter() - started)
-    blocked = [r for r in records if r.status == "blocked"]
-    if blocked:
-        out.warn(f"{len(blocked)} of {len(records)} image(s) blocked by content filters; they were not written")
-        return EXIT_BLOCKED
-    return EXIT_OK
+    return records

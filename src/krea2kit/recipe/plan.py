@@ -218,13 +218,18 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
     for i, slider in enumerate(recipe.sliders):
         kind = registry.get("slider", slider.kind, key=f"sliders[{i}].kind", file=f("sliders"))
         options = kind.validate_options(dict(slider.model_extra or {}), where=f"sliders[{i}]", file=f("sliders"))
-        for bound in getattr(options, "loras", None) or []:
+        bound_loras = getattr(options, "bound_loras", None)
+        for bound in (bound_loras() if bound_loras else []):
             if bound not in lora_names:
                 raise RecipeError(
                     f"slider {slider.name!r} is bound to LoRA {bound!r}, which is not in [[loras]]" + did_you_mean(bound, lora_names),
                     file=f("sliders"), key=f"sliders[{i}].loras",
                     hint=f"[[loras]] names: {', '.join(lora_names) or 'none'}",
                 )
+        lo, hi = getattr(options, "range", (float("-inf"), float("inf")))
+        if not lo <= slider.value <= hi:
+            raise RecipeError(f"slider value {slider.value:g} is outside its range [{lo:g}, {hi:g}]",
+                              file=f("sliders"), key=f"sliders[{i}].value")
         plan.slider_parts.append((slider, kind, options))
 
     # Filters: every registered mandatory one, plus those the recipe enables.

@@ -1,0 +1,161 @@
+"""Generative sliders: a signed value that drives the strength of one or more LoRAs.
+
+A Concept Slider is an ordinary LoRA applied with a signed multiplier; negative values push
+the opposite way (Gandikota et al., arXiv 2311.12092; reference notes
+``filters_sliders_perf.md`` §2.1-§2.2). Typical ranges are about ±5. The reference code
+keeps the slider off during the first part of sampling to preserve composition
+("start_noise"), hence the optional ``start_step``.
+
+A :class:`Slider` of kind ``"lora-strength"`` binds one or more LoRAs, each with its own
+value -> strength mapping (a gain, or piecewise-linear points), and yields per-LoRA
+strength functions ``fn(step, total)`` for :func:`krea2kit.adapters.runtime.attach_adapters`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from krea2kit.adapters.runtime import StepSchedule, StrengthFn
+from krea2kit.errors import UsageError
+
+SLIDER_KINDS = ("lora-strength",)
+#: default slider range (ai-toolkit's slider samples and ComfyUI use about ±5; notes §2.2).
+DEFAULT_RANGE = (-5.0, 5.0)
+
+
+@dataclass(frozen=True)
+class SliderBinding:
+    """One LoRA driven by a slider.
+
+    ``lora``: the key of the LoRA (a name or path, matched by the caller).
+    ``gain``: strength = gain * value (the default mapping; negative gains invert).
+    ``points``: optional piecewise-linear mapping ``[(value, strength), ...]`` (sorted by
+    value, extrapolated linearly beyond the ends); replaces ``gain``.
+    """
+
+    lora: str
+    gain: float = 1.0
+    points: tuple[tuple[float, float], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.points is not None:
+            pts = tuple(sorted((float(v), float(s)) for v, s in self.points))
+            if len(pts) < 2 or len({v for v, _ in pts}) != len(pts):
+                raise UsageError(f"slider mapping for {self.lora!r} needs at least two points with distinct values")
+            object.__setattr__(self, "points", pts)
+
+    def strength(self, value: float) -> float:
+        if self.points is None:
+            return self.gain * value
+        xs = [v for v, _ in self.points]
+        i = min(max(bisect.bisect_right(xs, value) - 1, 0), len(xs) - 2)
+        (x0, y0), (x1, y1) = self.points[i], self.points[i + 1]
+        return y0 + (y1 - y0) * (value - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class Slider:
+    """A named control: ``value`` in ``range`` -> a strength for each bound LoRA.
+
+    ``start_step``/``end_step``: the slider acts on steps ``[start_step, end_step)`` only
+    (``None`` = to the end); before that the LoRAs are off (strength 0), which keeps the
+    composition of the un-slid image.
+    """
+
+    name: str
+    bindings: tuple[SliderBinding, ...]
+    range: tuple[float, float] = DEFAULT_RANGE
+    default: float = 0.0
+    start_step: int = 0
+    end_step: int | None = None
+    kind: str = "lora-strength"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SLIDER_KINDS:
+            raise UsageError(f"unknown slider kind {self.kind!r} (known: {', '.join(SLIDER_KINDS)})")
+        lo, hi = float(self.range[0]), float(self.range[1])
+        if not lo < hi:
+            raise UsageError(f"slider {self.name!r}: range {self.range} is empty")
+        object.__setattr__(self, "range", (lo, hi))
+        if not self.bindings:
+            raise UsageError(f"slider {self.name!r} binds no LoRA")
+        self.check(self.default)
+
+    def check(self, value: float) -> float:
+        lo, hi = self.range
+        if not lo <= value <= hi:
+            raise UsageError(f"slider {self.name!r}: value {value:g} is outside its range [{lo:g}, {hi:g}]")
+        return float(value)
+
+    def strengths(self, value: float | None = None) -> dict[str, float]:
+        """Strength per bound LoRA at ``value`` (``None``: the default)."""
+        v = self.check(self.default if value is None else value)
+        out: dict[str, float] = {}
+        for b in self.bindings:
+            out[b.lora] = out.get(b.lora, 0.0) + b.strength(v)
+        return out
+
+    def strength_fns(self, value: float | None = None) -> dict[str, StrengthFn]:
+        """``{lora: fn(step, total)}`` honouring ``start_step``/``end_step``."""
+        return {k: StepSchedule(s, self.start_step, self.end_step) for k, s in self.strengths(value).items()}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping) -> "Slider":
+        """From a recipe table, e.g. ``{lora = "age.safetensors", range = [-5, 5], default = 0,
+        start_step = 1}`` or ``{loras = [{lora = "a", gain = 1}, {lora = "b", points = [[-1, -0.5], [1, 2]]}]}``."""
+        known = {"kind", "lora", "gain", "points", "loras", "range", "default", "start_step", "end_step", "description"}
+        extra = set(data) - known
+        if extra:
+            raise UsageError(f"slider {name!r}: unknown fields {', '.join(sorted(extra))}")
+        if "loras" in data:
+            items = data["loras"]
+        elif "lora" in data:
+            items = [{"lora": data["lora"], "gain": data.get("gain", 1.0), "points": data.get("points")}]
+        else:
+            raise UsageError(f"slider {name!r} needs 'lora' or 'loras'")
+        bindings = []
+        for it in items:
+            if isinstance(it, str):
+                it = {"lora": it}
+            pts = it.get("points")
+            bindings.append(SliderBinding(str(it["lora"]), float(it.get("gain", 1.0)),
+                                          tuple(tuple(p) for p in pts) if pts is not None else None))
+        rng = tuple(data.get("range", DEFAULT_RANGE))
+        if len(rng) != 2:
+            raise UsageError(f"slider {name!r}: range must be [min, max]")
+        return cls(name=name, bindings=tuple(bindings), range=rng, default=float(data.get("default", 0.0)),
+                   start_step=int(data.get("start_step", 0)),
+                   end_step=None if data.get("end_step") is None else int(data["end_step"]),
+                   kind=str(data.get("kind", "lora-strength")), description=str(data.get("description", "")))
+
+
+@dataclass
+class _SumFn:
+    """Several schedules on one LoRA (a plain strength plus sliders) add up."""
+
+    parts: list = field(default_factory=list)
+
+    def __call__(self, step: int, total: int) -> float:
+        return float(sum(p(step, total) for p in self.parts))
+
+
+def combine_strengths(
+    base: Mapping[str, "float | StrengthFn"] | None = None,
+    sliders: Sequence[tuple[Slider, float | None]] = (),
+) -> dict[str, StrengthFn]:
+    """Merge fixed LoRA strengths and slider settings into one ``fn(step, total)`` per LoRA key.
+
+    ``base``: ``{lora: strength or fn}`` for LoRAs used directly; ``sliders``:
+    ``[(slider, value or None for its default)]``. The same LoRA may appear in several places;
+    its strengths add.
+    """
+    out: dict[str, _SumFn] = {}
+    for key, spec in (base or {}).items():
+        out.setdefault(key, _SumFn()).parts.append(spec if callable(spec) else StepSchedule(float(spec)))
+    for slider, value in sliders:
+        for key, fn in slider.strength_fns(value).items():
+            out.setdefault(key, _SumFn()).parts.append(fn)
+    return dict(out)

@@ -1,0 +1,80 @@
+"""``krea2kit run --sweep NAME=A:B:N``: the same seeds across N slider values, plus a
+labelled contact sheet (a PNG grid: one row per image of the recipe, one column per value)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from krea2kit.cli.console import Output
+from krea2kit.errors import EXIT_BLOCKED, EXIT_OK, UsageError
+
+LABEL_HEIGHT = 14
+
+
+def _slider_index(plan, name: str) -> int:
+    names = [s.name for s in plan.recipe.sliders]
+    if name not in names:
+        from krea2kit.recipe.errors import did_you_mean
+
+        raise UsageError(f"--sweep names slider {name!r}, which the recipe does not define" + did_you_mean(name, names),
+                         key="--sweep", hint=f"recipe sliders: {', '.join(names) or 'none'}")
+    return names.index(name)
+
+
+def contact_sheet(rows: list[list], labels: list[str]):
+    """A grid of PIL images with a text label over each column."""
+    from PIL import Image, ImageDraw
+
+    cell_w = max(im.width for row in rows for im in row if im is not None)
+    cell_h = max(im.height for row in rows for im in row if im is not None)
+    cols = len(labels)
+    sheet = Image.new("RGB", (cols * cell_w, LABEL_HEIGHT + len(rows) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, label in enumerate(labels):
+        draw.text((c * cell_w + 2, 1), label, fill="black")
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            if im is None:  # blocked: leave a grey cell
+                draw.rectangle([c * cell_w, LABEL_HEIGHT + r * cell_h, (c + 1) * cell_w - 1,
+                                LABEL_HEIGHT + (r + 1) * cell_h - 1], fill=(128, 128, 128))
+            else:
+                sheet.paste(im, (c * cell_w, LABEL_HEIGHT + r * cell_h))
+    return sheet
+
+
+def run_sweep(out: Output, session, recipe, overrides, prompts, sweeps, *, as_json: bool) -> int:
+    from PIL import Image
+
+    from krea2kit.cli.run_cmd import execute_collect
+    from krea2kit.output.metadata import ImageMetadata, build_record
+    from krea2kit.output.writers import write_image
+
+    if len(sweeps) != 1:
+        raise UsageError("one --sweep at a time", key="--sweep")
+    name, values = sweeps[0]
+    base = session.plan(recipe, overrides=overrides, prompts=prompts or None)
+    index = _slider_index(base, name)
+    grid: list[list] = [[None] * len(values) for _ in base.jobs]
+    records_all = []
+    blocked = False
+    for c, value in enumerate(values):
+        plan = session.plan(recipe, overrides=[*overrides, f"sliders.{index}.value={value!r}"], prompts=prompts or None)
+        records = execute_collect(out, session, plan, as_json=as_json)
+        for rec in records:
+            records_all.append(rec)
+            if rec.status == "ok":
+                with Image.open(rec.path) as im:
+                    grid[rec.index][c] = im.convert("RGB")
+            else:
+                blocked = True
+    labels = [f"{name}={v:g}" for v in values]
+    sheet = contact_sheet(grid, labels)
+    target = Path(base.recipe.output.dir) / f"{base.name}-sweep-{name}.png"
+    meta = ImageMetadata(parameters=None, krea2kit=build_record(
+        recipe=base.resolved(), extra={"sweep": {"slider": name, "values": values,
+                                                 "images": [r.path for r in records_all]}}))
+    write_image(sheet, target, format="png", metadata=meta)
+    out.data(json.dumps({"contact_sheet": str(target), "slider": name, "values": values}) if as_json else str(target))
+    out.info(f"contact sheet: {target}")
+    return EXIT_BLOCKED if blocked else EXIT_OK
