@@ -185,6 +185,8 @@ class Pipeline:
         if dit is not None:
             check_text_fits(plan, dit, conds)
         vae = self.part(plan, "vae", device=device, dtype=dtype_name, events=events) if unique else None
+        if vae is not None and hasattr(vae, "set_tile_threshold"):
+            vae.set_tile_threshold(recipe.model.vae_tile_threshold)
         sampler_fn = plan.parts["sampler"].load_part()
         writer = plan.parts["writer"].load_part(options=plan.plugin_options.get(plan.parts["writer"].plugin))
         adapters = None

@@ -51,6 +51,8 @@ class ModelSection(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     weights: Weights = Field(default_factory=Weights)
+    vae_tile_threshold: Annotated[int, Field(ge=64 * 64)] | None = Field(
+        None, description="Decode in overlapping tiles above this many pixels (default: the VAE's own, bounded memory)")
 
     @field_validator("device")
     @classmethod
