@@ -177,3 +177,13 @@ def test_ctrl_c_keeps_finished_images_and_leaves_no_partial_file(isolated_env, r
         with Image.open(path) as im:
             im.load()  # every file left is a whole image
     assert len(written) < 41
+
+
+def test_colour_follows_no_color_and_the_color_option(cli, recipe):
+    # an error message is styled ("error:" in bold red) only when colour is on
+    forced = cli("--color", "always", "run", str(recipe), "--dry-run", "--set", "sampler.steps=0")
+    assert forced.code == 2 and "\x1b[" in forced.stderr
+    plain = cli("run", str(recipe), "--dry-run", "--set", "sampler.steps=0")
+    assert plain.code == 2 and "\x1b[" not in plain.stderr
+    never = cli("--color", "never", "run", str(recipe), "--dry-run", "--set", "sampler.steps=0")
+    assert "\x1b[" not in never.stderr

@@ -22,20 +22,20 @@ def build_cli() -> click.Group:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and map every outcome to a documented exit code."""
-    from krea2kit.cli.console import Output
+    from krea2kit.cli import console
 
-    out = Output()
     verbose = bool(argv and ("-v" in argv or "--verbose" in argv)) or ("-v" in sys.argv[1:] or "--verbose" in sys.argv[1:])
     try:
         cli = build_cli()
         code = cli.main(args=argv, prog_name="krea2kit", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except Krea2kitError as exc:
+        out = console.current()
         out.error(str(exc))
         sys.exit(exc.exit_code)
     except click.exceptions.Abort as exc:  # click turns Ctrl-C into Abort
         if isinstance(exc.__context__, KeyboardInterrupt):
-            out.error("interrupted")
+            console.current().error("interrupted")
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(EXIT_RUNTIME)
     except click.ClickException as exc:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        out.error("interrupted")
+        console.current().error("interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly without a traceback.
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(EXIT_RUNTIME)
     except Exception as exc:  # a bug: say so plainly, full traceback only with -v
+        out = console.current()
         out.error(f"internal error: {type(exc).__name__}: {exc}")
         if verbose:
             traceback.print_exc()

@@ -8,7 +8,7 @@ import sys
 import click
 
 from krea2kit import __version__
-from krea2kit.cli.console import Output
+from krea2kit.cli.console import Output, set_current
 from krea2kit.errors import EXIT_BLOCKED, EXIT_OK, UsageError
 
 EXIT_CODES_HELP = """\b
@@ -34,7 +34,9 @@ def with_verbosity(fn):
 
 def make_output(ctx: click.Context, quiet: int = 0, verbose: int = 0) -> Output:
     parent: Output = ctx.find_object(Output) or Output()
-    return Output(quiet=max(parent.quiet, quiet), verbose=max(parent.verbose, verbose), color=parent.color)
+    out = Output(quiet=max(parent.quiet, quiet), verbose=max(parent.verbose, verbose), color=parent.color)
+    set_current(out)
+    return out
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -51,6 +53,7 @@ def cli(ctx: click.Context, color: str, quiet: int, verbose: int) -> None:
     Results (paths, JSON lines) go to stdout; progress and messages to stderr.
     """
     ctx.obj = Output(quiet=quiet, verbose=verbose, color=color)
+    set_current(ctx.obj)
     from krea2kit.plugins import get_host, report_problems
 
     host = get_host()

@@ -58,3 +58,16 @@ class Output:
     def error(self, message: str) -> None:
         self.err.print(f"[bold red]error:[/bold red] ", end="", markup=True)
         self.err.print(message, markup=False)
+
+
+_current: Output | None = None
+
+
+def current() -> Output:
+    """The Output the running command set up (colour, quiet), or a default one."""
+    return _current or Output()
+
+
+def set_current(out: Output) -> None:
+    global _current
+    _current = out

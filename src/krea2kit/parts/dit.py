@@ -34,6 +34,8 @@ def load(location: str, *, config: str = "", dtype: str = "float32", device: str
     from krea2kit.models.weights import open_checkpoint
 
     cfg = PRESETS[config] if config else None
-    module = load_dit(location, config=cfg, dtype=getattr(torch, dtype), device=device)
+    # The official sampler casts the whole model to its dtype, norm scales included
+    # (krea-ai/krea-2 inference.py); keeping them fp32 would not reproduce its images.
+    module = load_dit(location, config=cfg, dtype=getattr(torch, dtype), device=device, keep_norms_fp32=False)
     module.eval()
     return DiTPart(module, open_checkpoint(location).identity())
