@@ -26,7 +26,7 @@ from krea2kit.models.text_encoder import (
     layers_needed,
     load_text_tower,
 )
-from krea2kit.models.tokenizer import PromptTemplate, QwenTokenizer, build_tiny_tokenizer
+from krea2kit.models.tokenizer import PromptTemplate, QwenTokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,13 +54,6 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    build_tiny_tokenizer(d)
-    return d
 
 
 @pytest.fixture(scope="module")

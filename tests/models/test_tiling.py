@@ -25,14 +25,6 @@ from krea2kit.models.tiling import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: one thread avoids OpenMP barrier stalls on a shared, oversubscribed
-    # CPU (15x faster here); restored for the other test modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_tile_starts_cover_and_overlap():

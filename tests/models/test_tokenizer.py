@@ -40,13 +40,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    build_tiny_tokenizer(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def ours(tok_dir):
     return QwenTokenizer.from_file(tok_dir)
 

@@ -33,14 +33,6 @@ from diffusers import AutoencoderKLQwenImage  # noqa: E402
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: one thread avoids OpenMP barrier stalls on a shared, oversubscribed
-    # CPU (15x faster here); restored for the other test modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:

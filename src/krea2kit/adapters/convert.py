@@ -48,7 +48,6 @@ def _dora_tensor(d: LoraDelta) -> "torch.Tensor":
 
 
 def _lycoris_tensors(d: LoraDelta, base: str, lora_names: tuple[str, str], always_alpha: bool) -> dict:
-    import torch
 
     out: dict[str, torch.Tensor] = {}
     f = d.factors

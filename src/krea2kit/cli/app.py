@@ -54,7 +54,7 @@ def cli(ctx: click.Context, color: str, quiet: int, verbose: int) -> None:
     """
     ctx.obj = Output(quiet=quiet, verbose=verbose, color=color)
     set_current(ctx.obj)
-    from krea2kit.plugins import get_host, report_problems
+    from krea2kit.plugins import get_host
 
     host = get_host()
     if host.problems and quiet < 2:

@@ -56,7 +56,7 @@ class Output:
             self.err.print(message, markup=False)
 
     def error(self, message: str) -> None:
-        self.err.print(f"[bold red]error:[/bold red] ", end="", markup=True)
+        self.err.print("[bold red]error:[/bold red] ", end="", markup=True)
         self.err.print(message, markup=False)
 
 

@@ -199,7 +199,7 @@ def open_checkpoint(path: str | os.PathLike, *, what: str = "weights") -> Checkp
             hint = None
             if any(p.glob(f"*{s}") for s in PICKLE_SUFFIXES):
                 hint = "the folder holds only pickled weights, which krea2kit never loads; convert them to .safetensors"
-            raise WeightsError(f"no .safetensors file in the folder", file=str(p), hint=hint)
+            raise WeightsError("no .safetensors file in the folder", file=str(p), hint=hint)
         if len(files) > 1:
             raise WeightsError(
                 f"{len(files)} .safetensors files and no index JSON: cannot tell which to load",
@@ -307,7 +307,6 @@ def assign_weights(
     mismatches raise one :class:`WeightsError` with a summary. Tensors keep their stored
     dtype unless ``dtype`` is given; ``keep_fp32(name)`` exempts names (norms) from it.
     """
-    import torch
 
     expected = dict(module.state_dict(keep_vars=True))
     plan: dict[str, str] = {}
