@@ -245,34 +245,37 @@ def common_prefix(keys: Iterable[str], candidates: Iterable[str]) -> str:
     return ""
 
 
+LORA_MARKERS = (".lora_", "lora_down", "lora_up", ".lokr_", ".hada_", "lora_unet_", "lycoris_")
+VAE_PREFIXES = ("decoder.", "encoder.", "conv1.", "conv2.", "quant_conv", "post_quant_conv", "first_stage_model.")
+QWEN_VAE_MARKERS = ("time_conv", "resample", ".residual.", "middle.", "mid_block.resnets.0.norm1.gamma")
+
+
 def guess_checkpoint_kind(keys: Iterable[str]) -> str:
     """A person-readable guess at what a set of checkpoint keys is."""
     keys = list(keys)
-    ks = set(keys)
-    joined = "\n".join(keys[:5000])
     if not keys:
         return "an empty checkpoint"
-    if any(".lora_" in k or "lora_down" in k or ".lokr_" in k or ".hada_" in k for k in keys):
-        if "lora_te" in joined or "text_model" in joined:
-            return "a text-encoder LoRA"
-        return "a LoRA"
-    if any(k.endswith("txtfusion.projector.weight") for k in ks):
+
+    def has(pred) -> bool:
+        return any(pred(k) for k in keys)
+
+    if has(lambda k: any(m in k for m in LORA_MARKERS)):
+        return "a text-encoder LoRA" if has(lambda k: "lora_te" in k or "text_model" in k) else "a LoRA"
+    if has(lambda k: k.endswith("txtfusion.projector.weight")):
         return "a Krea 2 transformer (native keys)"
-    if any(k.endswith("text_fusion.projector.weight") for k in ks):
+    if has(lambda k: k.endswith("text_fusion.projector.weight")):
         return "a Krea 2 transformer (diffusers keys)"
-    if any("language_model" in k for k in keys) or any(k.endswith("embed_tokens.weight") for k in keys):
+    if has(lambda k: "language_model" in k or k.endswith("embed_tokens.weight")):
         return "a Qwen3-VL text encoder"
-    if any(k.startswith(("decoder.", "encoder.", "conv1.", "conv2.", "quant_conv", "post_quant_conv")) or k.startswith("first_stage_model.") for k in keys):
-        if any(k.startswith("bn.") for k in keys) or any("bn.running_mean" in k for k in keys):
+    if has(lambda k: k.startswith(VAE_PREFIXES)):
+        if has(lambda k: k.startswith("bn.") or "bn.running_mean" in k):
             return "a FLUX.2 VAE"
-        if any("time_conv" in k or "resample" in k or "conv1.weight" == k for k in keys) or any(
-            info for info in keys if ".residual." in info
-        ):
+        if has(lambda k: any(m in k for m in QWEN_VAE_MARKERS)):
             return "a Qwen-Image / Wan VAE"
         return "a VAE"
-    if any(k.startswith(("transformer_blocks.", "double_blocks.", "single_blocks.")) for k in keys):
+    if has(lambda k: k.startswith(("transformer_blocks.", "double_blocks.", "single_blocks."))):
         return "another diffusion transformer (not Krea 2)"
-    if any(k.startswith(("model.diffusion_model.input_blocks", "input_blocks.")) for k in keys):
+    if has(lambda k: k.startswith(("model.diffusion_model.input_blocks", "input_blocks."))):
         return "a UNet checkpoint (Stable Diffusion family)"
     return "an unrecognised checkpoint"
 
