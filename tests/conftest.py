@@ -47,3 +47,32 @@ def cli(isolated_env, tmp_path):
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
     return run
+
+
+@pytest.fixture
+def cli_inproc(isolated_env, tmp_path, monkeypatch, capsys):
+    """The same CLI entry point as ``cli``, called in this process (fast, for the many
+    recipe-validation cases that load no model)."""
+    from krea2kit.cli import main
+
+    for key in ("KREA2KIT_CONFIG", "KREA2KIT_CACHE_DIR", "NO_COLOR", "COLUMNS"):
+        monkeypatch.setenv(key, isolated_env[key])
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str, input: str | None = None, env: dict | None = None) -> CliResult:
+        import io
+
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        if input is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(input))
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

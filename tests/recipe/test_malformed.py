@@ -21,7 +21,8 @@ def expectations(path: Path) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
-def test_malformed_recipe_is_one_clear_error(cli, path):
+def test_malformed_recipe_is_one_clear_error(cli_inproc, path):
+    cli = cli_inproc
     expect, key = expectations(path)
     res = cli("recipe", "check", str(path))
     assert res.code == 2, (res.stdout, res.stderr)

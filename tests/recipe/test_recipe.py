@@ -17,7 +17,8 @@ def write(path, text):
     return path
 
 
-def test_extends_merges_tables_and_replaces_arrays(cli, tmp_path):
+def test_extends_merges_tables_and_replaces_arrays(cli_inproc, tmp_path):
+    cli = cli_inproc
     write(tmp_path / "base.toml", 'seed = 5\nnegative = "blurry"\n[sampler]\nsteps = 3\nname = "heun"\n'
                                   '[[prompts]]\ntext = "base prompt"\n')
     (tmp_path / "sub").mkdir()
@@ -31,7 +32,8 @@ def test_extends_merges_tables_and_replaces_arrays(cli, tmp_path):
     assert [p["text"] for p in data["prompts"]] == ["child prompt"]  # arrays replaced whole
 
 
-def test_error_in_a_parent_names_the_parent_file(cli, tmp_path):
+def test_error_in_a_parent_names_the_parent_file(cli_inproc, tmp_path):
+    cli = cli_inproc
     write(tmp_path / "base.toml", '[sampler]\nsteps = "many"\n')
     write(tmp_path / "child.toml", 'extends = "base.toml"\nprompt = "x"\n')
     res = cli("recipe", "check", "child.toml")
@@ -39,7 +41,8 @@ def test_error_in_a_parent_names_the_parent_file(cli, tmp_path):
     assert "base.toml: sampler.steps:" in res.stderr and "child.toml" not in res.stderr
 
 
-def test_set_overrides_are_typed_and_validated(cli, tmp_path):
+def test_set_overrides_are_typed_and_validated(cli_inproc, tmp_path):
+    cli = cli_inproc
     write(tmp_path / "r.toml", 'prompt = "x"\n')
     res = cli("recipe", "show", "r.toml", "--json", "--set", "sampler.steps=4", "--set", "model.device=cpu",
               "--set", "seed=11", "--set", 'negative="a, b"')
@@ -55,7 +58,8 @@ def test_set_overrides_are_typed_and_validated(cli, tmp_path):
     assert malformed.code == 2 and "KEY=VALUE" in malformed.stderr
 
 
-def test_recipe_from_stdin(cli):
+def test_recipe_from_stdin(cli_inproc):
+    cli = cli_inproc
     res = cli("recipe", "show", "-", "--json", input='prompt = "from stdin"\n[sampler]\nsteps = 2\n')
     assert res.code == 0, res.stderr
     assert json.loads(res.stdout)["prompt"] == "from stdin"
@@ -63,7 +67,8 @@ def test_recipe_from_stdin(cli):
     assert bad.code == 2 and "<stdin>" in bad.stderr and "invalid TOML" in bad.stderr
 
 
-def test_show_applies_preset_defaults_and_round_trips_as_toml(cli, tmp_path):
+def test_show_applies_preset_defaults_and_round_trips_as_toml(cli_inproc, tmp_path):
+    cli = cli_inproc
     write(tmp_path / "r.toml", 'prompt = "x"\n[model]\npreset = "krea2-raw"\n')
     res = cli("recipe", "show", "r.toml")
     assert res.code == 0, res.stderr
@@ -80,13 +85,15 @@ def test_show_applies_preset_defaults_and_round_trips_as_toml(cli, tmp_path):
     assert tomllib.loads(again.stdout) == data
 
 
-def test_standard_convention_keeps_the_number_the_user_wrote(cli, tmp_path):
+def test_standard_convention_keeps_the_number_the_user_wrote(cli_inproc, tmp_path):
+    cli = cli_inproc
     write(tmp_path / "r.toml", 'prompt = "x"\n[model]\npreset = "krea2-raw"\n[sampler]\nconvention = "standard"\n')
     data = json.loads(cli("recipe", "show", "r.toml", "--json").stdout)
     assert data["sampler"]["guidance"] == 4.5  # Raw's Krea g = 3.5 is standard s = 4.5
 
 
-def test_schema_is_json_schema_with_every_table(cli):
+def test_schema_is_json_schema_with_every_table(cli_inproc):
+    cli = cli_inproc
     res = cli("recipe", "schema")
     assert res.code == 0
     schema = json.loads(res.stdout)
@@ -96,7 +103,8 @@ def test_schema_is_json_schema_with_every_table(cli):
         assert key in schema["properties"], key
 
 
-def test_dry_run_plans_seeds_and_sizes(cli, tmp_path):
+def test_dry_run_plans_seeds_and_sizes(cli_inproc, tmp_path):
+    cli = cli_inproc
     write(tmp_path / "r.toml", 'seed = 100\ncount = 2\nwidth = 512\nheight = 512\n'
                                '[[prompts]]\ntext = "a"\n[[prompts]]\ntext = "b"\nseed = 7\ncount = 3\nwidth = 256\n')
     res = cli("run", "r.toml", "--dry-run", "--json")
@@ -107,7 +115,8 @@ def test_dry_run_plans_seeds_and_sizes(cli, tmp_path):
     assert [j["index"] for j in jobs] == list(range(5))
 
 
-def test_prompts_from_stdin_lines_and_json_lines(cli, tmp_path):
+def test_prompts_from_stdin_lines_and_json_lines(cli_inproc, tmp_path):
+    cli = cli_inproc
     res = cli("run", "--dry-run", "--json", "--prompt", "-",
               input='a red cube\n# a comment\n\n{"prompt": "a blue ball"}\n')
     assert res.code == 0, res.stderr
@@ -118,13 +127,15 @@ def test_prompts_from_stdin_lines_and_json_lines(cli, tmp_path):
     assert both.code == 2 and "stdin" in both.stderr
 
 
-def test_env_indirection_resolves_weights(cli, tmp_path):
+def test_env_indirection_resolves_weights(cli_inproc, tmp_path):
+    cli = cli_inproc
     write(tmp_path / "r.toml", 'prompt = "x"\n[model.weights]\ndit = { env = "MY_DIT", default = "/d" }\n')
     assert cli("recipe", "check", "r.toml").code == 0
     assert cli("recipe", "check", "r.toml", env={"MY_DIT": "/elsewhere"}).code == 0
 
 
-def test_config_command_shows_location_and_values(cli, tmp_path, isolated_env):
+def test_config_command_shows_location_and_values(cli_inproc, tmp_path, isolated_env):
+    cli = cli_inproc
     res = cli("config", "--path")
     assert res.stdout.strip() == isolated_env["KREA2KIT_CONFIG"]
     write(tmp_path / "config.toml", 'default_model = "krea2-raw"\n[weights.krea2-turbo]\ndit = "/models/turbo.safetensors"\n')
