@@ -179,8 +179,11 @@ class Krea2TextEncoder:
 
     def __init__(self, tower: Qwen3TextTower, tokenizer: QwenTokenizer, *, taps: Sequence[int] = KREA2_TAPS,
                  template: PromptTemplate = KREA2_TEMPLATE, identity: str | None = None,
-                 official_rope: bool = True, batch_size: int = 8):
+                 official_rope: bool = True, batch_size: int = 8, exact_layout: bool = True):
         self.tower: Qwen3TextTower | None = tower
+        # Faithful first: run the official 546-token padded block (see _run_compact). False runs
+        # only the real tokens (~10x less text-encoder work for short prompts, not bit-exact in bf16).
+        self.exact_layout = bool(exact_layout)
         self.tokenizer = tokenizer
         self.taps = tuple(int(t) for t in taps)
         self.template = template
@@ -227,7 +230,8 @@ class Krea2TextEncoder:
 
     def cache_key(self, prompt: str) -> str:
         return PromptEmbeddingCache.make_key(self.identity, prompt, taps=self.taps, template=self.template,
-                                             dtype=self._dtype, rope=self._rope)
+                                             dtype=self._dtype,
+                                             rope=self._rope + ("|padded-layout" if self.exact_layout else ""))
 
     def _need_tower(self) -> Qwen3TextTower:
         if self.tower is None:
@@ -238,11 +242,32 @@ class Krea2TextEncoder:
     def _run_compact(self, tokens: TemplateTokens, which: Sequence[int]) -> dict[int, torch.Tensor]:
         """Hidden states of prompt+suffix tokens, (n_i + suffix, taps, D), for prompts ``which``.
 
-        Real tokens only; a batch is right-padded, so plain causal attention is exact.
+        ``exact_layout``: computed in the official padded layout (bit-identical to the official
+        encoder in any dtype). Otherwise real tokens only, right-padded in a batch: exact in
+        exact arithmetic and fp32 to ~1e-6, but not bit-identical in bf16 (different kernel
+        rounding with the shorter key length).
         """
         tower = self._need_tower()
         out: dict[int, torch.Tensor] = {}
         order = sorted(which, key=lambda i: len(tokens.ids[i]))  # similar lengths share a batch
+        if self.exact_layout:
+            # The official block [prefix | prompt | PAD | suffix] (546 tokens), key-padding mask and
+            # valid-token positions: in bf16 the attention kernels round differently with the key
+            # length, so only this layout gives the official hidden states bit for bit (measured:
+            # tests/test_official_e2e.py; the compact run differs by up to 0.125 at |h| ~ 2).
+            for start in range(0, len(order), self.batch_size):
+                group = order[start:start + self.batch_size]
+                ids, mask = tokens.padded()
+                ids, mask = ids[group], mask[group]
+                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+                hidden = tower(ids.to(self._device), taps=self.taps, position_ids=positions.to(self._device),
+                               attention_mask=mask.to(self._device))
+                body = ids.shape[1] - tokens.suffix_len
+                for row, i in enumerate(group):
+                    n = tokens.prompt_lens[i]
+                    out[i] = torch.cat((hidden[row, tokens.prefix_len: tokens.prefix_len + n],
+                                        hidden[row, body:])).clone()
+            return out
         for start in range(0, len(order), self.batch_size):
             group = order[start:start + self.batch_size]
             s = max(len(tokens.ids[i]) for i in group)

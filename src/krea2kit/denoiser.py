@@ -21,6 +21,10 @@ from torch import Tensor
 from krea2kit.models.dit import Rope, SingleStreamDiT, TextFeatures, patchify, unpatchify
 
 Convention = Literal["krea", "standard"]
+Layout = Literal["official", "compact"]
+
+# The official forward pads [text | image] to a multiple of 256 tokens (krea-ai/krea-2 mmdit.py).
+OFFICIAL_PAD_TO = 256
 
 
 def krea_guidance(guidance: float, convention: Convention = "krea") -> float:
@@ -46,6 +50,9 @@ class Krea2Denoiser:
     latent_hw: (H/8, W/8) latent size, to build the RoPE table now (else on the first call).
     batch_cfg: run cond and uncond as one batch (fast, default) or as two passes (less
         activation memory; same result up to fp32 rounding).
+    layout: "official" keeps the padded text positions and pads the sequence to a multiple
+        of 256 as the reference forward does, so bf16 images are bit-identical to it;
+        "compact" drops all padding (fewer tokens; equal to 1e-6 in fp32, a few bf16 LSB).
     """
 
     def __init__(
@@ -60,19 +67,28 @@ class Krea2Denoiser:
         convention: Convention = "krea",
         latent_hw: tuple[int, int] | None = None,
         batch_cfg: bool = True,
+        layout: Layout = "compact",
     ) -> None:
         self.dit = dit
         self.guidance = krea_guidance(guidance, convention)
         self.batch_cfg = batch_cfg
+        if layout not in ("official", "compact"):
+            raise ValueError(f"unknown sequence layout {layout!r}; use 'official' or 'compact'")
+        # "official": keep padded text tokens and pad the sequence to 256 like the reference
+        # (bit-identical images in bf16); "compact": drop both (same result up to rounding).
+        self.pad_to = OFFICIAL_PAD_TO if layout == "official" else None
+        drop = layout == "compact"
         self.patch = dit.config.patch
         with torch.no_grad():
-            self.cond = dit.encode_text(txt.to(dit.device), None if txt_mask is None else txt_mask.to(dit.device))
+            self.cond = dit.encode_text(txt.to(dit.device), None if txt_mask is None else txt_mask.to(dit.device),
+                                        drop_padding=drop)
             self.uncond: TextFeatures | None = None
             if self.cfg:
                 if uncond_txt is None:
                     raise ValueError("guidance is on: pass uncond_txt (the negative prompt's text; officially \"\")")
                 self.uncond = dit.encode_text(
-                    uncond_txt.to(dit.device), None if uncond_mask is None else uncond_mask.to(dit.device))
+                    uncond_txt.to(dit.device), None if uncond_mask is None else uncond_mask.to(dit.device),
+                    drop_padding=drop)
         self._ropes: dict[tuple[int, int, int], Rope] = {}
         self._batched: dict[int, TextFeatures] = {}
         if latent_hw is not None:
@@ -100,7 +116,7 @@ class Krea2Denoiser:
     def _rope(self, txt_len: int, gh: int, gw: int) -> Rope:
         key = (txt_len, gh, gw)
         if key not in self._ropes:
-            self._ropes[key] = self.dit.rope_table(txt_len, gh, gw, self.dit.device)
+            self._ropes[key] = self.dit.rope_table(txt_len, gh, gw, self.dit.device, pad_to=self.pad_to)
         return self._ropes[key]
 
     def _text_layouts(self) -> list[TextFeatures]:
@@ -146,4 +162,4 @@ class Krea2Denoiser:
         return unpatchify(v, (gh, gw), self.patch).to(x.dtype)
 
     def _run(self, tokens: Tensor, t: Tensor, feats: TextFeatures, gh: int, gw: int) -> Tensor:
-        return self.dit(tokens, t, rope=self._rope(feats.length, gh, gw), txt_features=feats)
+        return self.dit(tokens, t, rope=self._rope(feats.length, gh, gw), txt_features=feats, pad_to=self.pad_to)

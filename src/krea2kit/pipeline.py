@@ -169,6 +169,8 @@ class Pipeline:
             encoder = self.part(plan, "text_encoder", device=device, dtype=dtype_name, events=events)
             start = time.perf_counter()
             events("stage", stage="encode", total=len(unique))
+            if hasattr(encoder, "layout"):
+                encoder.layout = recipe.model.layout
             hidden, mask = encoder.encode(unique)
             for note in getattr(encoder, "take_warnings", lambda: [])():
                 events("warning", message=note)
@@ -242,7 +244,8 @@ class Pipeline:
                                        device=device, dtype=dtype)
         cond = conds[job.prompt]
         uncond = conds[job.negative] if plan.guidance > 0 else None
-        denoise = dit.make_denoiser(cond, uncond, guidance=plan.guidance, height=height, width=width)
+        denoise = dit.make_denoiser(cond, uncond, guidance=plan.guidance, height=height, width=width,
+                                    layout=plan.recipe.model.layout)
         sigmas = sampling.flow_sigmas(plan.steps, mu)
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
 

@@ -251,12 +251,16 @@ def test_dropping_padded_text_tokens_is_exact():
         tok = torch.cat([kept.tokens, torch.zeros(2, pad, kept.tokens.shape[2])], dim=1)
         m = torch.cat([kept.mask, torch.zeros(2, pad, dtype=torch.bool)], dim=1)
         c = model(img, t, grid_hw=(gh, gw), txt_features=TextFeatures(tok, m))
+        # the built-in official layout: padding appended at the end of [text | image]
+        d = model(img, t, grid_hw=(gh, gw), txt_features=kept, pad_to=256)
+        assert model.rope_table(kept.length, gh, gw, pad_to=256).length % 256 == 0
         # the valid tokens of each row alone (batch 1, no mask at all)
         rows = [model(img[i:i + 1], t[i:i + 1], txt[i:i + 1, mask[i]], None, (gh, gw)) for i in range(2)]
     # Equal up to fp32 summation order (fewer keys, another SDPA kernel): measured <= 1.2e-6
     # on outputs of magnitude ~3; a real error (a padded key read) shows up at ~1e-1.
     assert (a - b).abs().max().item() <= 5e-6
     assert (a - c).abs().max().item() <= 5e-6
+    assert (a - d).abs().max().item() <= 5e-6
     assert (a - torch.cat(rows)).abs().max().item() <= 5e-6
 
 

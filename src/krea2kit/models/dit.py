@@ -638,10 +638,17 @@ class SingleStreamDiT(nn.Module):
         x = self.txtfusion(x, mask=None if mask is None else mask[:, None, None, :])
         return TextFeatures(self.txtmlp(x), mask)
 
-    def rope_table(self, txt_len: int, h: int, w: int, device=None) -> Rope:
-        """RoPE factors for ``[txt_len text tokens | h x w image patches]``: once per run."""
-        pos = torch.cat((torch.zeros(txt_len, 3, dtype=torch.float64, device=device), image_positions((h, w), device)))
-        return rope_from_positions(pos, self.config.axes, self.config.theta, txt_len)
+    def rope_table(self, txt_len: int, h: int, w: int, device=None, *, pad_to: int | None = None) -> Rope:
+        """RoPE factors for ``[txt_len text tokens | h x w image patches]``: once per run.
+
+        ``pad_to``: also cover the zero-position padding rows that :meth:`forward` adds to
+        reach a multiple of ``pad_to`` (the official layout).
+        """
+        parts = [torch.zeros(txt_len, 3, dtype=torch.float64, device=device), image_positions((h, w), device)]
+        extra = padding_for(txt_len + h * w, pad_to)
+        if extra:
+            parts.append(torch.zeros(extra, 3, dtype=torch.float64, device=device))
+        return rope_from_positions(torch.cat(parts), self.config.axes, self.config.theta, txt_len)
 
     def time_vectors(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(B,) times -> ``t_emb`` (B,1,F) for the last layer and ``tvec`` (B,1,6F) for the blocks.
@@ -669,6 +676,7 @@ class SingleStreamDiT(nn.Module):
         *,
         rope: Rope | None = None,
         txt_features: TextFeatures | None = None,
+        pad_to: int | None = None,
     ) -> Tensor:
         """Velocity for the image tokens.
 
@@ -680,6 +688,10 @@ class SingleStreamDiT(nn.Module):
         grid_hw: (gh, gw) patch grid of the image; needed unless ``rope`` is given.
         rope: from :meth:`rope_table` for this text length and grid (computed if None).
         txt_features: from :meth:`encode_text` (computed from ``txt`` if None).
+        pad_to: append masked zero tokens (RoPE position 0) until the sequence length is a
+            multiple of this, as the official forward does (256). Real tokens never attend
+            to them, so in exact arithmetic nothing changes; in bf16 the attention kernels
+            round by sequence length, so this is what reproduces the official pixels.
         Returns (B, N, C*p*p) in the compute dtype.
         """
         dt = self.compute_dtype
@@ -695,8 +707,9 @@ class SingleStreamDiT(nn.Module):
                 raise ValueError("pass grid_hw=(rows, cols) of the patch grid, or a precomputed rope")
             if grid_hw[0] * grid_hw[1] != n:
                 raise ValueError(f"grid {grid_hw} does not hold {n} image tokens")
-            rope = self.rope_table(txt_len, grid_hw[0], grid_hw[1], img.device)
-        if rope.length != txt_len + n or rope.txt_len != txt_len:
+            rope = self.rope_table(txt_len, grid_hw[0], grid_hw[1], img.device, pad_to=pad_to)
+        extra = padding_for(txt_len + n, pad_to)
+        if rope.length != txt_len + n + extra or rope.txt_len != txt_len:
             raise ValueError(f"rope table is for {rope.txt_len}+{rope.length - rope.txt_len} tokens, "
                              f"the input has {txt_len}+{n}")
         if not torch.is_tensor(t):
@@ -707,11 +720,21 @@ class SingleStreamDiT(nn.Module):
 
         x = torch.cat((feats.tokens.to(dt), self.first(img.to(dt))), dim=1)
         mask = None
-        if feats.mask is not None:
-            mask = torch.cat((feats.mask, feats.mask.new_ones(b, n)), dim=1)[:, None, None, :]
+        if feats.mask is not None or extra:
+            valid = feats.mask if feats.mask is not None else x.new_ones(b, txt_len, dtype=torch.bool)
+            mask = torch.cat((valid, valid.new_ones(b, n), valid.new_zeros(b, extra)), dim=1)[:, None, None, :]
+        if extra:
+            x = torch.cat((x, x.new_zeros(b, extra, x.shape[2])), dim=1)
         for block in self.blocks:
             x = block(x, tvec, rope, mask)
-        return self.last(x[:, txt_len:], t_emb)
+        return self.last(x[:, txt_len:txt_len + n], t_emb)
+
+
+def padding_for(length: int, pad_to: int | None) -> int:
+    """How many tokens bring ``length`` up to a multiple of ``pad_to`` (0 without padding)."""
+    if not pad_to:
+        return 0
+    return -length % pad_to
 
 
 def build_meta(config: DiTConfig) -> SingleStreamDiT:

@@ -12,7 +12,7 @@ class DiTPart:
         self.module = module
         self.identity = identity
 
-    def make_denoiser(self, cond, uncond, *, guidance: float, height: int, width: int):
+    def make_denoiser(self, cond, uncond, *, guidance: float, height: int, width: int, layout: str = "official"):
         """``denoise(x, sigma)`` for one image: text features and RoPE computed once, cond
         and uncond batched when guidance is on (Krea convention; the plan converts)."""
         from krea2kit.denoiser import Krea2Denoiser
@@ -22,7 +22,7 @@ class DiTPart:
         if uncond is not None:
             kwargs = {"uncond_txt": uncond[0], "uncond_mask": uncond[1]}
         return Krea2Denoiser(self.module, txt, mask, guidance=guidance, convention="krea",
-                             latent_hw=(height // 8, width // 8), **kwargs)
+                             latent_hw=(height // 8, width // 8), layout=layout, **kwargs)
 
 
 def load(location: str, *, config: str = "", dtype: str = "float32", device: str = "cpu", options=None,

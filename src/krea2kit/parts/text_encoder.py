@@ -16,13 +16,18 @@ class TextEncoderPart:
         self.identity = encoder.identity
         self.hidden_size = encoder.hidden_size
         self._notes: list[str] = []
+        self.layout = "official"  # the pipeline sets the recipe's model.layout before encoding
 
     def encode(self, texts: list[str]):
         from krea2kit.models.tokenizer import PromptTruncatedWarning
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PromptTruncatedWarning)
-            hidden, mask = self.encoder.encode(texts, cache=self.cache)
+            # The official layout: every prompt as 512 positions [prompt | PAD | suffix] (the
+            # transformer may drop the padding; keeping it is what the official forward does).
+            length = self.encoder.template.max_length if self.layout == "official" else None
+            self.encoder.exact_layout = self.layout == "official"
+            hidden, mask = self.encoder.encode(texts, cache=self.cache, length=length)
         self._notes.extend(str(w.message) for w in caught if issubclass(w.category, PromptTruncatedWarning))
         return hidden, mask
 
