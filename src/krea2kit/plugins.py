@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 
@@ -218,9 +217,3 @@ def reset_host(host: Host | None = None) -> None:
     """Replace (or forget) the process-wide host; for tests and embedding applications."""
     global _HOST
     _HOST = host
-
-
-def report_problems(host: Host, stream=None) -> None:
-    stream = stream or sys.stderr
-    for line in host.problems:
-        print(f"krea2kit: warning: {line}", file=stream)

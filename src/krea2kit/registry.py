@@ -104,6 +104,7 @@ class ModelDescriptor(Descriptor):
     latent_channels: int = 16  # what the transformer consumes (checked against the VAE contract)
     latent_factor: int = 8
     release_text_encoder: bool = True  # free the encoder once prompts are encoded (big models)
+    layout: str = "official"  # token layout: "official" (reference padding) or "compact"
     weights: dict = field(default_factory=dict, hash=False, compare=False)
     hf_repos: tuple = ()
     weights_env: dict = field(default_factory=dict, hash=False, compare=False)

@@ -115,6 +115,7 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
         name = getattr(recipe.model, role) or getattr(model, role)
         parts[role] = registry.get(role, name, key=f"model.{role}", file=f(f"model.{role}"))
         setattr(recipe.model, role, name)
+    recipe.model.layout = recipe.model.layout or model.layout
     contract = getattr(parts["vae"], "contract", None)
     if contract is not None and (contract.channels != model.latent_channels or contract.factor != model.latent_factor):
         raise RecipeError(

@@ -51,9 +51,10 @@ class ModelSection(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     weights: Weights = Field(default_factory=Weights)
-    layout: Literal["official", "compact"] = Field(
-        "official", description="Token layout: 'official' reproduces the reference's padded sequence (bit-identical "
-                                "images in bf16); 'compact' drops padding (faster, equal up to rounding)")
+    layout: Literal["official", "compact"] | None = Field(
+        None, description="Token layout: 'official' reproduces the reference's padded sequence (bit-identical "
+                          "images in bf16); 'compact' drops padding (faster, equal up to rounding). "
+                          "Default: the preset's (official for Krea 2, compact for the nano models)")
     vae_tile_threshold: Annotated[int, Field(ge=64 * 64)] | None = Field(
         None, description="Decode in overlapping tiles above this many pixels (default: the VAE's own, bounded memory)")
 
