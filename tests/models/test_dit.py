@@ -38,7 +38,7 @@ from krea2kit.models.dit import (
 )
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "krea2_golden.safetensors"
-KEYS_FILE = Path("/work/shared/reference/keys/krea2_native_keys.txt")
+KEYS_FILE = Path(__file__).parents[1] / "fixtures" / "keys" / "krea2_native_keys.txt"
 GOLDEN_SEED = 20260625
 GOLDEN_CONFIG = dict(features=32, tdim=16, txtdim=16, heads=2, kvheads=1, multiplier=4, layers=2, patch=2,
                      channels=16, txtheads=1, txtkvheads=1, txtlayers=3)
@@ -102,7 +102,6 @@ def _expected_native_keys() -> dict[str, tuple[int, ...]]:
     return out
 
 
-@pytest.mark.skipif(not KEYS_FILE.exists(), reason="reference key list not available")
 def test_full_config_state_dict_matches_official_keys():
     expected = _expected_native_keys()
     assert len(expected) == 430

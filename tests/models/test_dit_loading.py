@@ -24,7 +24,7 @@ from krea2kit.models.dit_loader import (
 )
 from krea2kit.models.weights import open_checkpoint, save_safetensors_atomic
 
-KEYS_DIR = Path("/work/shared/reference/keys")
+KEYS_DIR = Path(__file__).parents[1] / "fixtures" / "keys"
 
 
 def _random_diffusers(cfg: DiTConfig, seed: int = 0):
@@ -155,11 +155,11 @@ def test_key_mapping_covers_the_full_model():
     assert len(set(diff)) == 430
     assert [diffusers_to_native(k) for k in diff] == native
     ref_file = KEYS_DIR / "krea2_diffusers_keys.txt"
-    if ref_file.exists():
-        listed = {line.split("\t")[0] for line in ref_file.read_text().splitlines() if "\t" in line}
-        assert {k for k in diff if k.startswith(("transformer_blocks.0.", "text_fusion.layerwise_blocks.0.",
-                                                "text_fusion.refiner_blocks.0."))
-                or not k.startswith(("transformer_blocks.", "text_fusion.layerwise", "text_fusion.refiner"))} == listed
+    listed = {line.split("\t")[0] for line in ref_file.read_text().splitlines() if "\t" in line}
+    assert listed
+    assert {k for k in diff if k.startswith(("transformer_blocks.0.", "text_fusion.layerwise_blocks.0.",
+                                            "text_fusion.refiner_blocks.0."))
+            or not k.startswith(("transformer_blocks.", "text_fusion.layerwise", "text_fusion.refiner"))} == listed
     # module paths and LoRA suffixes (used by the LoRA loader)
     assert native_to_diffusers("blocks.3.attn.wq") == "transformer_blocks.3.attn.to_q"
     assert native_to_diffusers("blocks.3.attn.wo.lora_A.weight") == "transformer_blocks.3.attn.to_out.0.lora_A.weight"

@@ -26,7 +26,7 @@ from diffusers import AutoencoderKLFlux2  # noqa: E402
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline  # noqa: E402
 
 TOL = 1e-5  # house bound, fp32
-REF_KEYS = Path("/work/shared/reference/keys")
+REF_KEYS = Path(__file__).parents[1] / "fixtures" / "keys"
 
 
 def _diffusers_kwargs(cfg: Flux2VAEConfig) -> dict:
