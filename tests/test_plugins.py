@@ -174,3 +174,45 @@ def test_listing_and_help_do_not_import_torch(isolated_env, args):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=isolated_env, timeout=60)
     assert "NO-TORCH" in proc.stderr, proc.stderr
+
+
+LORA_FORMAT = """
+import torch
+from krea2kit.hookspecs import hookimpl
+from krea2kit.registry import LoraFormatDescriptor
+
+
+class TxtLora:
+    '''A toy format: a safetensors file whose metadata says format=toy; one rank-1 delta on first.'''
+
+    def detect(self, keys, metadata):
+        return metadata.get("format") == "toy"
+
+    def parse(self, path, *, strict=False, name=None):
+        from krea2kit.adapters.formats import parse_lora_state_dict
+        tensors = {"diffusion_model.first.lora_A.weight": torch.ones(1, 64),
+                   "diffusion_model.first.lora_B.weight": torch.ones(128, 1)}
+        lora = parse_lora_state_dict(tensors, {}, path=str(path), name=name or "toy")
+        lora.layout = "toy"
+        return lora
+
+
+@hookimpl
+def register_lora_formats(register):
+    register(LoraFormatDescriptor(name="toy", summary="toy format", load=lambda: TxtLora()))
+"""
+
+
+def test_registered_lora_format_reads_its_files(cli, plugin_dir, tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    make_plugin(plugin_dir, "krea2kit-toylora", "k2toy", LORA_FORMAT)
+    save_file({"anything": torch.zeros(1)}, str(tmp_path / "toy.safetensors"), metadata={"format": "toy"})
+    env = with_path(plugin_dir)
+    res = cli("lora", "inspect", str(tmp_path / "toy.safetensors"), "--json", env=env)
+    assert res.code == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["layout"] == "toy" and info["modules"] == 1
+    without = cli("lora", "inspect", str(tmp_path / "toy.safetensors"))  # the built-in reader refuses it
+    assert without.code == 4

@@ -9,6 +9,7 @@ from krea2kit.models.contract import LatentContract
 from krea2kit.registry import (
     DiTDescriptor,
     FilterDescriptor,
+    LoraFormatDescriptor,
     ModelDescriptor,
     SamplerDescriptor,
     SliderDescriptor,
@@ -128,6 +129,14 @@ def register_filters(register):
         name="nsfw-image", summary="Built-in image filter: OpenNSFW classifier shipped in a PyPI wheel (offline)",
         load="krea2kit.parts.filters:nsfw_image", target="image", mandatory=True,
         options="krea2kit.parts.filters:NsfwImageOptions"))
+
+
+@hookimpl
+def register_lora_formats(register):
+    register(LoraFormatDescriptor(
+        name="krea2kit",
+        summary="diffusers/PEFT, native (ai-toolkit, ComfyUI), kohya/musubi, LyCORIS LoKr/LoHa, DoRA",
+        load="krea2kit.parts.lora_formats:builtin"))
 
 
 @hookimpl

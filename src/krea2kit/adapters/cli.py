@@ -26,9 +26,10 @@ def lora_group() -> None:
 @click.option("--strict", is_flag=True, help="fail if some keys match no Krea 2 module")
 def inspect_cmd(file: str, as_json: bool, strict: bool) -> None:
     """Show a LoRA's layout, modules, kinds, ranks, scales, base model and trigger words."""
-    from krea2kit.adapters.formats import load_lora
+    from krea2kit.parts.lora_formats import open_lora
+    from krea2kit.plugins import get_host
 
-    lora = load_lora(file, strict=strict)
+    lora = open_lora(file, get_host().registry.all("lora_format"), strict=strict)
     info = lora.summary()
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
@@ -68,13 +69,14 @@ def convert_cmd(file: str, layout: str, out: str, dtype: str, strict: bool, over
     import torch
 
     from krea2kit.adapters.convert import write_lora
-    from krea2kit.adapters.formats import load_lora
+    from krea2kit.parts.lora_formats import open_lora
+    from krea2kit.plugins import get_host
 
     if Path(out).exists() and not overwrite:
         raise UsageError(f"{out} exists", hint="pass --overwrite to replace it")
     if Path(out).resolve() == Path(file).resolve():
         raise UsageError("the output would overwrite the input file")
-    lora = load_lora(file, strict=strict)
+    lora = open_lora(file, get_host().registry.all("lora_format"), strict=strict)
     dt = getattr(torch, _DTYPES[dtype]) if _DTYPES[dtype] else None
     path = write_lora(lora, out, layout, dtype=dt)
     msg = f"wrote {path}: {len(lora)} modules, {lora.layout} -> {layout}"

@@ -53,6 +53,7 @@ class Plan:
     filters: list[tuple[Descriptor, Any]] = field(default_factory=list)
     plugin_options: dict[str, Any] = field(default_factory=dict)
     plugin_versions: dict[str, str] = field(default_factory=dict)  # filled at run time, for metadata
+    lora_formats: list[Descriptor] = field(default_factory=list)  # registered LoRA readers
 
     @property
     def name(self) -> str:
@@ -205,7 +206,8 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
     parts["writer"] = registry.get("writer", recipe.output.format, key="output.format", file=f("output.format"))
 
     plan = Plan(recipe=recipe, loaded=loaded, model=model, parts=parts, sampler_options=sampler_options,
-                steps=s.steps, guidance=guidance, mu=mu, weights=weights, jobs=jobs)
+                steps=s.steps, guidance=guidance, mu=mu, weights=weights, jobs=jobs,
+                lora_formats=registry.all("lora_format"))
     from krea2kit.errors import UsageError
     from krea2kit.runtime.outputs import check_template
 

@@ -45,13 +45,13 @@ def lora_strengths(plan: Plan) -> dict[str, Any]:
 
 
 def attach_recipe_loras(plan: Plan, dit: Any, *, events) -> Any:
-    from krea2kit.adapters.formats import load_lora
     from krea2kit.adapters.runtime import attach_adapters
+    from krea2kit.parts.lora_formats import open_lora
 
     strengths = lora_strengths(plan)
     pairs = []
     for entry in plan.recipe.loras:
-        lora = load_lora(entry.path, strict=entry.strict, name=entry.name)
+        lora = open_lora(entry.path, plan.lora_formats, strict=entry.strict, name=entry.name)
         if lora.unmatched:
             shown = ", ".join(sorted(lora.unmatched)[:4])
             events("warning", message=f"LoRA {entry.name!r}: {len(lora.unmatched)} key(s) match no module and were "
