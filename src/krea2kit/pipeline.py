@@ -30,8 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from krea2kit import __version__
-from krea2kit.errors import Krea2kitError, UsageError
+from krea2kit.errors import UsageError
 from krea2kit.locate import locate_weights
 from krea2kit.recipe.plan import Job, Plan
 from krea2kit.settings import Settings
@@ -138,7 +137,6 @@ class Pipeline:
         """Generate every job of ``plan``, yielding a :class:`Record` as each image is done."""
         import torch
 
-        from krea2kit import sampling
         from krea2kit.runtime.filters import FilterSet
         from krea2kit.runtime.outputs import OutputPlanner
 
@@ -203,7 +201,7 @@ class Pipeline:
                     yield self._blocked_record(plan, job, run_id, blocked_prompts[job.index])
                     continue
                 yield self._generate(plan, job, run_id, dit, vae, sampler_fn, writer, conds, adapters,
-                                     filters, outputs, device, dtype, encode_s / max(len(plan.jobs), 1), events, sampling)
+                                     filters, outputs, device, dtype, encode_s / max(len(plan.jobs), 1), events)
         finally:
             if adapters is not None:
                 adapters.detach()
@@ -219,22 +217,24 @@ class Pipeline:
         )
 
     def _blocked_record(self, plan: Plan, job: Job, run_id: str, decision: Any) -> Record:
-        record = self._base_record(plan, job, run_id, float("nan"))
+        record = self._base_record(plan, job, run_id, job_mu(plan, job))
         record.status = "blocked"
         record.blocked_by = [v.filter for v in decision.blocking]
         record.verdicts = [v.to_dict() for v in decision.verdicts]
         return record
 
     def _generate(self, plan, job, run_id, dit, vae, sampler_fn, writer, conds, adapters, filters, outputs,
-                  device, dtype, encode_share, events, sampling) -> Record:
+                  device, dtype, encode_share, events) -> Record:
         import torch
+
+        from krea2kit import sampling
 
         timings: dict[str, float] = {"encode": encode_share}
         width, height, padded = sampling.aligned_size(job.width, job.height)
         if padded:
             events("warning", message=f"image {job.index}: {job.width}x{job.height} is not a multiple of 16; "
                                       f"generating {width}x{height} and cropping back")
-        mu = plan.mu if plan.mu is not None else sampling.resolution_mu(sampling.image_tokens(width, height))
+        mu = job_mu(plan, job)
         record = self._base_record(plan, job, run_id, mu)
         events("job_start", job=job, total=len(plan.jobs), steps=plan.steps)
 
@@ -287,6 +287,15 @@ class Pipeline:
         return record
 
 
+def job_mu(plan: Plan, job: Job) -> float:
+    """The shift of one image: the recipe's, or resolution-aware from its (padded) size."""
+    if plan.mu is not None:
+        return plan.mu
+    from krea2kit import sampling
+
+    return sampling.resolution_mu(sampling.image_tokens(job.width, job.height))
+
+
 def check_text_fits(plan: Plan, dit: Any, conds: dict[str, Any]) -> None:
     """The encoder's hidden states must have the shape the transformer's text fusion takes."""
     from krea2kit.errors import WeightsError
@@ -309,4 +318,4 @@ def plugin_versions(host) -> dict[str, str]:
     return {name: info.version for name, info in host.plugins.items()}
 
 
-__all__ = ["Pipeline", "Record", "Krea2kitError", "pick_device", "pick_dtype", "__version__"]
+__all__ = ["Pipeline", "Record", "job_mu", "pick_device", "pick_dtype"]
