@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from krea2kit.errors import WeightsError
@@ -89,72 +90,70 @@ def _map_rest(rest: str, modules: dict[str, str], src_norms: set[str], src_leaf:
     return None
 
 
+@dataclass(frozen=True)
+class _Naming:
+    """One direction of the native <-> diffusers translation (both are built from the
+    same tables, so they cannot drift apart)."""
+
+    block: re.Pattern
+    txt: re.Pattern
+    block_out: str  # e.g. "transformer_blocks.{idx}"
+    txt_out: str  # e.g. "text_fusion.{group}.{idx}"
+    block_modules: dict[str, str]
+    top_modules: dict[str, str]
+    block_norms: frozenset[str]
+    top_norms: frozenset[str]
+    leaf: tuple[str, str]  # RMSNorm parameter name: (source, destination)
+    specials: dict[str, str]  # whole keys and in-block suffixes that are not renames
+
+
+_BLOCK_NORMS = ("prenorm", "postnorm", "attn.qknorm.qnorm", "attn.qknorm.knorm")
+_TOP_NORMS = ("txtmlp.0", "last.norm")
+_TO_DIFFUSERS = _Naming(
+    _NATIVE_BLOCK, _NATIVE_TXT, "transformer_blocks.{idx}", "text_fusion.{group}.{idx}",
+    _BLOCK_MODULES, _TOP_MODULES, frozenset(_BLOCK_NORMS), frozenset(_TOP_NORMS), ("scale", "weight"),
+    {"mod.lin": "scale_shift_table", "last.modulation.lin": "final_layer.scale_shift_table", "txtfusion": "text_fusion"},
+)
+_TO_NATIVE = _Naming(
+    _DIFF_BLOCK, _DIFF_TXT, "blocks.{idx}", "txtfusion.{group}.{idx}",
+    {v: k for k, v in _BLOCK_MODULES.items()}, {v: k for k, v in _TOP_MODULES.items()},
+    frozenset(_BLOCK_MODULES[n] for n in _BLOCK_NORMS), frozenset(_TOP_MODULES[n] for n in _TOP_NORMS),
+    ("weight", "scale"),
+    {v: k for k, v in _TO_DIFFUSERS.specials.items()},
+)
+
+
+def _translate(key: str, naming: _Naming) -> str:
+    for pattern, out in ((naming.block, naming.block_out), (naming.txt, naming.txt_out)):
+        m = pattern.match(key)
+        if not m:
+            continue
+        *head, rest = m.groups()
+        prefix = out.format(idx=head[-1], group=head[0])
+        if rest is None:
+            return prefix
+        if pattern is naming.block and rest in naming.specials:  # mod.lin <-> scale_shift_table
+            return f"{prefix}.{naming.specials[rest]}"
+        mapped = _map_rest(rest, naming.block_modules, naming.block_norms, *naming.leaf)
+        if mapped is None:
+            raise KeyError(key)
+        return f"{prefix}.{mapped}"
+    if key in naming.specials:
+        return naming.specials[key]
+    mapped = _map_rest(key, naming.top_modules, naming.top_norms, *naming.leaf)
+    if mapped is None:
+        raise KeyError(key)
+    return mapped
+
+
 def native_to_diffusers(key: str) -> str:
     """Native (official/ComfyUI) key or module path -> diffusers name. Raises KeyError if unknown."""
-    m = _NATIVE_BLOCK.match(key)
-    if m:
-        idx, rest = m.group(1), m.group(2)
-        if rest is None:
-            return f"transformer_blocks.{idx}"
-        if rest == "mod.lin":
-            return f"transformer_blocks.{idx}.scale_shift_table"
-        out = _map_rest(rest, _BLOCK_MODULES, {"prenorm", "postnorm", "attn.qknorm.qnorm", "attn.qknorm.knorm"}, "scale", "weight")
-        if out is not None:
-            return f"transformer_blocks.{idx}.{out}"
-        raise KeyError(key)
-    m = _NATIVE_TXT.match(key)
-    if m:
-        group, idx, rest = m.groups()
-        if rest is None:
-            return f"text_fusion.{group}.{idx}"
-        out = _map_rest(rest, _BLOCK_MODULES, {"prenorm", "postnorm", "attn.qknorm.qnorm", "attn.qknorm.knorm"}, "scale", "weight")
-        if out is not None:
-            return f"text_fusion.{group}.{idx}.{out}"
-        raise KeyError(key)
-    if key == "last.modulation.lin":
-        return "final_layer.scale_shift_table"
-    if key == "txtfusion":
-        return "text_fusion"
-    out = _map_rest(key, _TOP_MODULES, {"txtmlp.0", "last.norm"}, "scale", "weight")
-    if out is not None:
-        return out
-    raise KeyError(key)
-
-
-_INV_BLOCK = {v: k for k, v in _BLOCK_MODULES.items()}
-_INV_TOP = {v: k for k, v in _TOP_MODULES.items()}
+    return _translate(key, _TO_DIFFUSERS)
 
 
 def diffusers_to_native(key: str) -> str:
     """Diffusers key or module path -> native (official) name. Raises KeyError if unknown."""
-    m = _DIFF_BLOCK.match(key)
-    if m:
-        idx, rest = m.group(1), m.group(2)
-        if rest is None:
-            return f"blocks.{idx}"
-        if rest == "scale_shift_table":
-            return f"blocks.{idx}.mod.lin"
-        out = _map_rest(rest, _INV_BLOCK, {"norm1", "norm2", "attn.norm_q", "attn.norm_k"}, "weight", "scale")
-        if out is not None:
-            return f"blocks.{idx}.{out}"
-        raise KeyError(key)
-    m = _DIFF_TXT.match(key)
-    if m:
-        group, idx, rest = m.groups()
-        if rest is None:
-            return f"txtfusion.{group}.{idx}"
-        out = _map_rest(rest, _INV_BLOCK, {"norm1", "norm2", "attn.norm_q", "attn.norm_k"}, "weight", "scale")
-        if out is not None:
-            return f"txtfusion.{group}.{idx}.{out}"
-        raise KeyError(key)
-    if key == "final_layer.scale_shift_table":
-        return "last.modulation.lin"
-    if key == "text_fusion":
-        return "txtfusion"
-    out = _map_rest(key, _INV_TOP, {"txt_in.norm", "final_layer.norm"}, "weight", "scale")
-    if out is not None:
-        return out
-    raise KeyError(key)
+    return _translate(key, _TO_NATIVE)
 
 
 # ---------------------------------------------------------------------------
