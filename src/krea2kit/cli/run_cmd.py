@@ -50,6 +50,16 @@ class Progress:
         if self.bar is not None:
             self.bar.__exit__(*exc)
 
+    def result(self, line: str) -> None:
+        """A result line for stdout. When stdout is the same terminal the bar is drawn on,
+        print it above the bar (raw writes would be overdrawn); when stdout is piped or a
+        file, write it there directly, never into the stderr console."""
+        stdout = self.out.stdout
+        if self.bar is not None and getattr(stdout, "isatty", lambda: False)():
+            self.bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            self.out.data(line)
+
     def log(self, message: str) -> None:
         if self.bar is not None:
             self.bar.console.print(message, markup=False)
@@ -155,8 +165,8 @@ def execute_collect(out: Output, session, plan, *, as_json: bool) -> list:
         for record in session.run(plan, events=progress):
             records.append(record)
             if record.status == "ok":
-                out.data(json.dumps(record.to_json()) if as_json else record.path)
+                progress.result(json.dumps(record.to_json()) if as_json else record.path)
             elif as_json:
-                out.data(json.dumps(record.to_json()))
+                progress.result(json.dumps(record.to_json()))
     _summary(out, records, time.perf_counter() - started)
     return records
