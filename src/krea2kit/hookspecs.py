@@ -69,7 +69,8 @@ def register_sliders(register):
 @hookspec
 def register_filters(register):
     """Register content filters (``FilterDescriptor``) for prompts or images. Every
-    registered filter that is enabled runs; any block wins; a failing filter blocks."""
+    registered filter runs on every run; any block wins; a failing filter blocks.
+    ``mandatory`` ones can be switched off only by the deployer (``safety.unfiltered``)."""
 
 
 @hookspec

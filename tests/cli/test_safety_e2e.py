@@ -106,11 +106,14 @@ def test_blocked_prompt_writes_nothing_and_exits_3(cli, recipe, tmp_path, isolat
 def test_marker_image_is_blocked_and_the_others_complete(cli, recipe, tmp_path, isolated_env):
     site = make_plugin(tmp_path / "site", "krea2kit-marker", "k2marker", MARKER_FILTER)
     env = env_with(site)
-    first = cli("run", str(recipe), "-q", "--set", "count=1", env=env)  # find the marker image
+    first = cli("run", str(recipe), "-q", "--json", "--set", "count=1", env=env)  # find the marker image
     assert first.code == 0, first.stderr
-    with Image.open(tmp_path / first.stdout.strip()) as im:
+    record = json.loads(first.stdout)
+    # an installed filter plugin runs without the recipe naming it
+    assert any(v["filter"] == "marker-block" and v["action"] == "allow" for v in record["verdicts"])
+    with Image.open(tmp_path / record["path"]) as im:
         marker = hashlib.sha256(im.convert("RGB").tobytes()).hexdigest()
-    (tmp_path / "out" / first.stdout.strip().split("/")[-1]).unlink()
+    (tmp_path / record["path"]).unlink()
     res = cli("run", str(recipe), "--json", "--set", 'safety.filters=["marker-block"]',
               "--set", f'safety.settings.marker-block.marker="{marker}"', env=env)
     assert res.code == 3, res.stderr
@@ -163,3 +166,8 @@ def test_filtered_images_record_verdicts_and_private_prompts(cli, recipe, tmp_pa
     assert "a red circle" not in json.dumps(meta["krea2kit"]) and "a red circle" not in (meta["parameters"] or "")
     assert any(d["kind"] == "image" for d in meta["krea2kit"]["filters"])
     assert meta["xmp_dst"].endswith("trainedAlgorithmicMedia")
+
+
+def test_recipe_can_require_a_filter_to_be_installed(cli, recipe):
+    res = cli("run", str(recipe), "--dry-run", "--set", 'safety.filters=["nudenet"]')
+    assert res.code == 2 and "unknown filter 'nudenet'" in res.stderr and "safety.filters[0]" in res.stderr

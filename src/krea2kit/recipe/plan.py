@@ -235,10 +235,11 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
                               file=f("sliders"), key=f"sliders[{i}].value")
         plan.slider_parts.append((slider, kind, options))
 
-    # Filters: every registered mandatory one, plus those the recipe enables.
+    # Filters: every registered filter runs (installing a filter plugin enables it); the
+    # recipe can require some to be present, so it fails here rather than run without them.
     for i, name in enumerate(recipe.safety.filters):
         registry.get("filter", name, key=f"safety.filters[{i}]", file=f("safety.filters"))
-    chosen = [d for d in registry.all("filter") if getattr(d, "mandatory", False) or d.name in recipe.safety.filters]
+    chosen = registry.all("filter")
     known_filters = [d.name for d in registry.all("filter")]
     for name in recipe.safety.settings:
         if name not in known_filters:

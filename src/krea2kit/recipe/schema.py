@@ -128,7 +128,8 @@ class SliderEntry(BaseModel):
 
 
 class SafetySection(Strict):
-    filters: list[str] = Field(default_factory=list, description="Optional filters to enable in addition to the mandatory ones")
+    filters: list[str] = Field(default_factory=list, description="Filters this recipe requires to be installed "
+                                                              "(every registered filter runs in any case)")
     settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-filter settings, e.g. {nsfw-image = {threshold = 0.7}}")
 
 
