@@ -86,28 +86,55 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
     ``prompts`` (from ``--prompt`` or stdin) replace the recipe's prompts.
     """
     ensure_schema_id(loaded)
-    f_ = loaded.file_of
     if prompts:
-        loaded.data.pop("prompts", None)
-        loaded.data["prompt"] = prompts[0]
-        if len(prompts) > 1:
-            loaded.data.pop("prompt")
-            loaded.data["prompts"] = [{"text": p} for p in prompts]
-        loaded.provenance["prompt"] = loaded.provenance["prompts"] = "--prompt"
-    safety = loaded.data.get("safety")
-    if isinstance(safety, dict):
-        for key in ("enabled", "enable", "disable", "disabled", "off", "unfiltered", "mandatory"):
-            if key in safety:
-                raise RecipeError(
-                    "content filters cannot be switched off by a recipe (Krea 2 licence, section 4.2)",
-                    file=f_(f"safety.{key}"), key=f"safety.{key}",
-                    hint="a deployer can, with safety.unfiltered = true in the user config (`krea2kit config`); "
-                         "every image then records that it was produced unfiltered",
-                )
+        _replace_prompts(loaded, prompts)
+    _refuse_filter_switches(loaded)
     recipe: Recipe = validate_model(Recipe, loaded.data, file=loaded.path, provenance=loaded.provenance)
+    model, parts = _model_parts(recipe, loaded, registry, settings)
+    parts["sampler"], sampler_options, guidance, mu = _sampler(recipe, loaded, registry, model)
+    jobs = _jobs(recipe, loaded, model)
+    weights = {role: _env(getattr(recipe.model.weights, role), f"model.weights.{role}", loaded) for role in ROLES}
+    _resolve_lora_paths(recipe, loaded)
     f = loaded.file_of
+    parts["writer"] = registry.get("writer", recipe.output.format, key="output.format", file=f("output.format"))
+    plan = Plan(recipe=recipe, loaded=loaded, model=model, parts=parts, sampler_options=sampler_options,
+                steps=recipe.sampler.steps, guidance=guidance, mu=mu, weights=weights, jobs=jobs,
+                lora_formats=registry.all("lora_format"))
+    _check_file_names(plan)
+    plan.slider_parts = _sliders(recipe, loaded, registry)
+    plan.filters = _filters(recipe, loaded, registry)
+    plan.plugin_options = _plugin_tables(recipe, loaded, registry)
+    return plan
 
-    # Model and its parts.
+
+def _replace_prompts(loaded: LoadedRecipe, prompts: list[str]) -> None:
+    loaded.data.pop("prompts", None)
+    loaded.data.pop("prompt", None)
+    if len(prompts) == 1:
+        loaded.data["prompt"] = prompts[0]
+    else:
+        loaded.data["prompts"] = [{"text": p} for p in prompts]
+    loaded.provenance["prompt"] = loaded.provenance["prompts"] = "--prompt"
+
+
+def _refuse_filter_switches(loaded: LoadedRecipe) -> None:
+    """Say plainly why a recipe cannot turn filters off (rather than "unknown key")."""
+    safety = loaded.data.get("safety")
+    if not isinstance(safety, dict):
+        return
+    for key in ("enabled", "enable", "disable", "disabled", "off", "unfiltered", "mandatory"):
+        if key in safety:
+            raise RecipeError(
+                "content filters cannot be switched off by a recipe (Krea 2 licence, section 4.2)",
+                file=loaded.file_of(f"safety.{key}"), key=f"safety.{key}",
+                hint="a deployer can, with safety.unfiltered = true in the user config (`krea2kit config`); "
+                     "every image then records that it was produced unfiltered",
+            )
+
+
+def _model_parts(recipe: Recipe, loaded: LoadedRecipe, registry: Registry,
+                 settings: Settings) -> tuple[ModelDescriptor, dict[str, Descriptor]]:
+    f = loaded.file_of
     preset_name = recipe.model.preset or settings.default_model or DEFAULT_MODEL
     model: ModelDescriptor = registry.get("model", preset_name, key="model.preset", file=f("model.preset"))  # type: ignore[assignment]
     recipe.model.preset = preset_name
@@ -125,32 +152,32 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
             file=f("model.vae"), key="model.vae",
             hint="choose a VAE whose latent space matches the model (see `krea2kit plugins`)",
         )
+    return model, parts
 
-    # Sampler: defaults from the preset, then the sampler's own options.
+
+def _sampler(recipe: Recipe, loaded: LoadedRecipe, registry: Registry,
+             model: ModelDescriptor) -> tuple[Descriptor, dict[str, Any], float, float | None]:
+    """The sampler part, its own options, and the preset's defaults filled in.
+
+    Returns the guidance in the Krea convention and mu (None: resolution-aware).
+    """
+    f = loaded.file_of
     s = recipe.sampler
     s.name = s.name or model.sampler
-    parts["sampler"] = registry.get("sampler", s.name, key="sampler.name", file=f("sampler.name"))
+    descriptor = registry.get("sampler", s.name, key="sampler.name", file=f("sampler.name"))
     extra = s.extra_options()
-    options_model = parts["sampler"].options_model()
-    if extra and options_model is None:
-        common = list(type(s).model_fields)
-        bad = sorted(extra)[0]
-        raise RecipeError(
-            f"unknown key{did_you_mean(bad, common)}",
-            file=f(f"sampler.{bad}"), key=f"sampler.{bad}",
-            hint=f"sampler {s.name!r} takes no options of its own; common keys: {', '.join(common)}",
-        )
-    sampler_options = {}
+    options_model = descriptor.options_model()
+    common = list(type(s).model_fields)
+    own = list(options_model.model_fields) if options_model is not None else []
+    for key in sorted(extra):
+        if key not in own:
+            raise RecipeError(
+                f"unknown key{did_you_mean(key, own + common)}",
+                file=f(f"sampler.{key}"), key=f"sampler.{key}",
+                hint=f"sampler {s.name!r} options: {', '.join(own) or 'none'}; common keys: {', '.join(common)}",
+            )
+    sampler_options: dict[str, Any] = {}
     if options_model is not None:
-        own = list(options_model.model_fields)
-        for key in sorted(extra):
-            if key not in own:
-                raise RecipeError(
-                    f"unknown key{did_you_mean(key, own + list(type(s).model_fields))}",
-                    file=f(f"sampler.{key}"), key=f"sampler.{key}",
-                    hint=f"sampler {s.name!r} options: {', '.join(own) or 'none'}; common keys: "
-                         f"{', '.join(type(s).model_fields)}",
-                )
         validated = validate_model(options_model, extra, file=loaded.path, prefix="sampler", provenance=loaded.provenance)
         sampler_options = validated.model_dump()
     s.steps = s.steps or model.steps
@@ -159,15 +186,17 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
     guidance = s.guidance if s.convention == "krea" else max(s.guidance - 1.0, 0.0)
     if s.mu is None:
         s.mu = model.mu if model.mu is not None else "auto"
-    mu = None if s.mu == "auto" else float(s.mu)
+    return descriptor, sampler_options, guidance, None if s.mu == "auto" else float(s.mu)
 
-    # Sizes and prompts.
+
+def _jobs(recipe: Recipe, loaded: LoadedRecipe, model: ModelDescriptor) -> list[Job]:
+    """One job per image: prompt entries x count, seeds seed + i, triggers appended."""
+    from krea2kit.recipe.schema import PromptEntry
+
     recipe.width = recipe.width or model.width
     recipe.height = recipe.height or model.height
     entries = list(recipe.prompts)
     if recipe.prompt is not None:
-        from krea2kit.recipe.schema import PromptEntry
-
         entries.insert(0, PromptEntry(text=recipe.prompt))
     if not entries:
         raise RecipeError(
@@ -183,74 +212,83 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
             if trig not in text:
                 text = f"{text}, {trig}" if text else trig
         seed = entry.seed if entry.seed is not None else recipe.seed
-        count = entry.count or recipe.count
-        for i in range(count):
+        for i in range(entry.count or recipe.count):
             jobs.append(Job(
                 index=len(jobs), prompt_index=pi, prompt=text,
                 negative=entry.negative if entry.negative is not None else recipe.negative,
                 seed=seed + i, width=entry.width or recipe.width, height=entry.height or recipe.height,
                 label=entry.name or "",
             ))
+    return jobs
 
-    # Weights the recipe names (env indirection resolved now, files checked by the loaders).
-    weights = {role: _env(getattr(recipe.model.weights, role), f"model.weights.{role}", loaded) for role in ROLES}
+
+def _resolve_lora_paths(recipe: Recipe, loaded: LoadedRecipe) -> None:
+    """Env indirection resolved now (files are checked by the loaders); default names."""
+    from pathlib import Path
+
     for i, lora in enumerate(recipe.loras):
-        path = _env(lora.path, f"loras[{i}].path", loaded)
-        lora.path = path  # type: ignore[assignment]
-        if not lora.name:
-            from pathlib import Path
+        lora.path = _env(lora.path, f"loras[{i}].path", loaded)  # type: ignore[assignment]
+        lora.name = lora.name or Path(lora.path).stem  # type: ignore[arg-type]
 
-            lora.name = Path(path).stem
 
-    # Output writer and file names.
-    parts["writer"] = registry.get("writer", recipe.output.format, key="output.format", file=f("output.format"))
-
-    plan = Plan(recipe=recipe, loaded=loaded, model=model, parts=parts, sampler_options=sampler_options,
-                steps=s.steps, guidance=guidance, mu=mu, weights=weights, jobs=jobs,
-                lora_formats=registry.all("lora_format"))
+def _check_file_names(plan: Plan) -> None:
     from krea2kit.errors import UsageError
     from krea2kit.runtime.outputs import check_template
 
     try:
         check_template(plan)
     except UsageError as exc:
-        raise RecipeError(exc.message, file=f("output.name"), key="output.name", hint=exc.hint) from None
+        raise RecipeError(exc.message, file=plan.loaded.file_of("output.name"), key="output.name",
+                          hint=exc.hint) from None
 
-    # Sliders: kind from the registry, LoRA bindings checked by name.
+
+def _sliders(recipe: Recipe, loaded: LoadedRecipe, registry: Registry) -> list[tuple[Any, Descriptor, Any]]:
+    """Slider kinds from the registry, their options validated, LoRA bindings checked by name."""
+    where = loaded.file_of("sliders")
     lora_names = [lora.name for lora in recipe.loras]
+    out = []
     for i, slider in enumerate(recipe.sliders):
-        kind = registry.get("slider", slider.kind, key=f"sliders[{i}].kind", file=f("sliders"))
-        options = kind.validate_options(dict(slider.model_extra or {}), where=f"sliders[{i}]", file=f("sliders"))
+        kind = registry.get("slider", slider.kind, key=f"sliders[{i}].kind", file=where)
+        options = kind.validate_options(dict(slider.model_extra or {}), where=f"sliders[{i}]", file=where)
         bound_loras = getattr(options, "bound_loras", None)
         for bound in (bound_loras() if bound_loras else []):
             if bound not in lora_names:
                 raise RecipeError(
-                    f"slider {slider.name!r} is bound to LoRA {bound!r}, which is not in [[loras]]" + did_you_mean(bound, lora_names),
-                    file=f("sliders"), key=f"sliders[{i}].loras",
+                    f"slider {slider.name!r} is bound to LoRA {bound!r}, which is not in [[loras]]"
+                    + did_you_mean(bound, lora_names),
+                    file=where, key=f"sliders[{i}].loras",
                     hint=f"[[loras]] names: {', '.join(lora_names) or 'none'}",
                 )
         lo, hi = getattr(options, "range", (float("-inf"), float("inf")))
         if not lo <= slider.value <= hi:
             raise RecipeError(f"slider value {slider.value:g} is outside its range [{lo:g}, {hi:g}]",
-                              file=f("sliders"), key=f"sliders[{i}].value")
-        plan.slider_parts.append((slider, kind, options))
+                              file=where, key=f"sliders[{i}].value")
+        out.append((slider, kind, options))
+    return out
 
-    # Filters: every registered filter runs (installing a filter plugin enables it); the
-    # recipe can require some to be present, so it fails here rather than run without them.
+
+def _filters(recipe: Recipe, loaded: LoadedRecipe, registry: Registry) -> list[tuple[Descriptor, Any]]:
+    """Every registered filter runs (installing a filter plugin enables it); a recipe can
+    require some to be present, so it fails here rather than run without them."""
+    f = loaded.file_of
     for i, name in enumerate(recipe.safety.filters):
         registry.get("filter", name, key=f"safety.filters[{i}]", file=f("safety.filters"))
-    chosen = registry.all("filter")
-    known_filters = [d.name for d in registry.all("filter")]
+    registered = registry.all("filter")
+    known = [d.name for d in registered]
     for name in recipe.safety.settings:
-        if name not in known_filters:
-            raise RecipeError(f"no filter named {name!r}" + did_you_mean(name, known_filters),
+        if name not in known:
+            raise RecipeError(f"no filter named {name!r}" + did_you_mean(name, known),
                               file=f("safety.settings"), key=f"safety.settings.{name}")
-    for d in chosen:
-        values = dict(recipe.safety.settings.get(d.name, {}))
-        plan.filters.append((d, d.validate_options(values, where=f"safety.settings.{d.name}", file=f("safety.settings"))))
+    return [(d, d.validate_options(dict(recipe.safety.settings.get(d.name, {})),
+                                   where=f"safety.settings.{d.name}", file=f("safety.settings")))
+            for d in registered]
 
-    # [plugins.<name>] tables.
+
+def _plugin_tables(recipe: Recipe, loaded: LoadedRecipe, registry: Registry) -> dict[str, Any]:
+    """``[plugins.<name>]`` tables, each validated by the schema its plugin declares."""
+    f = loaded.file_of
     tables = {d.name: d for d in registry.all("options")}
+    out = {}
     for name, values in recipe.plugins.items():
         if name not in tables:
             raise RecipeError(
@@ -258,5 +296,5 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
                 file=f(f"plugins.{name}"), key=f"plugins.{name}",
                 hint=f"tables declared: {', '.join(sorted(tables)) or 'none'}",
             )
-        plan.plugin_options[name] = tables[name].validate_options(values, where=f"plugins.{name}", file=f(f"plugins.{name}"))
-    return plan
+        out[name] = tables[name].validate_options(values, where=f"plugins.{name}", file=f(f"plugins.{name}"))
+    return out
