@@ -20,6 +20,20 @@ def build_cli() -> click.Group:
     return cli
 
 
+def _interrupted() -> None:
+    """Ctrl-C: the stack has unwound (temporary files removed, finished images intact);
+    leave at once. A normal interpreter exit could abort while a native worker thread (a
+    content filter's ONNX session, say) is still running."""
+    import os
+
+    from krea2kit.cli import console
+
+    console.current().error("interrupted")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and map every outcome to a documented exit code."""
     from krea2kit.cli import console
@@ -35,8 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort as exc:  # click turns Ctrl-C into Abort
         if isinstance(exc.__context__, KeyboardInterrupt):
-            console.current().error("interrupted")
-            sys.exit(EXIT_INTERRUPTED)
+            _interrupted()
         sys.exit(EXIT_RUNTIME)
     except click.ClickException as exc:
         exc.show()
@@ -44,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        console.current().error("interrupted")
-        sys.exit(EXIT_INTERRUPTED)
+        _interrupted()
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly without a traceback.
         import os
