@@ -20,6 +20,18 @@ class CliResult:
     stderr: str
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny-model tests on one torch thread: on a shared 2-core machine two
+    OpenMP threads spin against other processes (measured 15x slower); restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def isolated_env(tmp_path):
     """An environment with its own config file, cache and no third-party plugin selection."""

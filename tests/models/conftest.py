@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 from krea2kit.models.tokenizer import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: one thread avoids OpenMP barrier stalls on a shared, oversubscribed
-    # CPU (15x faster here); restored afterwards for the other test modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every model test module runs on one thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

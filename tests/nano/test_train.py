@@ -21,15 +21,9 @@ TINY = ["--steps", "2", "--batch", "2", "--pool", "8", "--teacher-substeps", "2"
         "--log-every", "1", "--eval-every", "1", "--eval-images", "4", "--stats-images", "8", "--threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads():
-    # One thread: on a shared 2-core machine two OpenMP threads spin against other processes
-    # (measured: 15 VAE steps took 73 s with 2 threads under load, under 1 s with one).
-    # main() sets the count too; the session gets its own back afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One thread (tests/conftest.py): 15 VAE steps took 73 s with 2 threads under load, under
+# 1 s with one. main() sets the count too; the session gets its own back afterwards.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
