@@ -240,12 +240,16 @@ class Krea2TextEncoder:
 
     @torch.inference_mode()
     def _run_compact(self, tokens: TemplateTokens, which: Sequence[int]) -> dict[int, torch.Tensor]:
+        return self.compact_hidden(tokens, which)
+
+    def compact_hidden(self, tokens: TemplateTokens, which: Sequence[int]) -> dict[int, torch.Tensor]:
         """Hidden states of prompt+suffix tokens, (n_i + suffix, taps, D), for prompts ``which``.
 
         ``exact_layout``: computed in the official padded layout (bit-identical to the official
         encoder in any dtype). Otherwise real tokens only, right-padded in a batch: exact in
         exact arithmetic and fp32 to ~1e-6, but not bit-identical in bf16 (different kernel
         rounding with the shorter key length).
+        Runs with autograd when called outside inference mode (the nano training does).
         """
         tower = self._need_tower()
         out: dict[int, torch.Tensor] = {}
@@ -279,7 +283,7 @@ class Krea2TextEncoder:
                 out[i] = hidden[row, tokens.prefix_len: len(tokens.ids[i])].clone()
         return out
 
-    def _assemble(self, tokens: TemplateTokens, compact: dict[int, torch.Tensor], length: int):
+    def assemble(self, tokens: TemplateTokens, compact: dict[int, torch.Tensor], length: int):
         hidden = torch.zeros(tokens.batch, length, self.num_taps, self.hidden_size, dtype=self._dtype,
                              device=self._device)
         for i, n in enumerate(tokens.prompt_lens):
@@ -324,7 +328,7 @@ class Krea2TextEncoder:
             if cache is not None:
                 for i in firsts.values():
                     cache.put(keys[i], compact[i])
-        return self._assemble(tokens, compact, length)
+        return self.assemble(tokens, compact, length)
 
     @torch.no_grad()
     def encode_padded_reference(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

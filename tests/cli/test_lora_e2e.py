@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from krea2kit.nano import configs
+
 RECIPE = """
 seed = 5
 width = 64
@@ -22,9 +24,10 @@ steps = 3
 dir = "out"
 """
 
-# nano transformer: features 128, 3 blocks, `last.linear` 128 -> 64
-MODULES = {f"blocks.{i}.attn.{m}": (128, 128) for i in range(3) for m in ("wq", "wo")}
-MODULES["last.linear"] = (64, 128)
+# Shapes of the shipped nano transformer (attention in/out projections, `last.linear`).
+_NANO = configs.dit_config()
+MODULES = {f"blocks.{i}.attn.{m}": (_NANO.features, _NANO.features) for i in range(_NANO.layers) for m in ("wq", "wo")}
+MODULES["last.linear"] = (_NANO.patch**2 * _NANO.channels, _NANO.features)
 
 
 def kohya_lora(path, rank=4, alpha=4.0, seed=0):

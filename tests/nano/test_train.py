@@ -99,6 +99,12 @@ def test_turbo_regression_loss_decreases_on_fixed_batch(run_dir):
     noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(4))
     x, v_target = tr.targets(noise, hidden, mask, 3)
     t = torch.full((2,), tr.sigmas[3])
+    # The student starts as a copy of the teacher, and after the fixture's two Raw steps the
+    # teacher's guidance changes little: move the student away so there is something to learn.
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in tr.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
 
     def loss():
         return torch.nn.functional.mse_loss(T.dit_velocity(tr.model, x, t, hidden, mask), v_target)
@@ -135,6 +141,37 @@ def test_exports_load_through_the_normal_loaders(run_dir):
     init = T.new_nano_dit(T.DEFAULT_SEED + 1).state_dict()
     raw = load_dit(w / "raw").state_dict()
     assert any(not torch.equal(init[k], raw[k]) for k in init)
+
+
+def test_raw_stage_trains_the_text_tower_and_exports_it(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    init = T.export_text_encoder(tmp_path / "init", T.DEFAULT_SEED)  # what the raw stage starts from
+    trained = run_dir / "weights" / "text_encoder"
+    a, b = load_file(str(init / "model.safetensors")), load_file(str(trained / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(k.startswith(T.TEXT_PREFIX) for k in b)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the EMA of trained weights, not the init
+    assert (init / "tokenizer.json").read_bytes() == (trained / "tokenizer.json").read_bytes()
+    # the checkpoint holds both halves under their own prefixes
+    state = load_file(str(T.list_checkpoints(run_dir / "raw")[-1] / "ema.safetensors"))
+    dit, tower = T.split_dit_with_text(state)
+    assert tower is not None and sorted(tower) == sorted(b)
+    assert set(dit) == set(T.new_nano_dit(0).state_dict())
+
+
+def test_evaluate_turns_a_raw_checkpoint_into_loadable_parts(run_dir, tmp_path):
+    from krea2kit.conditioning import load_text_encoder
+    from krea2kit.models.dit_loader import load_dit
+    from krea2kit.nano import configs
+    from krea2kit.nano.evaluate import export_checkpoint
+
+    parts = export_checkpoint(T.list_checkpoints(run_dir / "raw")[-1], run_dir / "weights", tmp_path / "x")
+    dit = load_dit(parts["dit"], dtype=torch.float32)
+    shipped = load_dit(run_dir / "weights" / "raw", dtype=torch.float32).float()
+    for k, v in shipped.state_dict().items():  # the export is the same EMA, rounded to fp16
+        assert torch.allclose(dit.state_dict()[k].float(), v, rtol=1e-3, atol=1e-4), k
+    te = load_text_encoder(parts["text_encoder"], taps=configs.NANO_TAPS)
+    assert te.encode(["a red circle"])[0].shape[2:] == (12, 64)
 
 
 def test_cli_wrote_checkpoints_and_logs(run_dir):

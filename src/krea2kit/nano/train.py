@@ -108,6 +108,8 @@ class StageConfig:
     kl_weight: float = 0.0    # vae only
     pool: int = 0             # raw/turbo: number of pre-encoded training latents
     teacher_substeps: int = 4  # turbo only
+    dit_size: str = "m"       # raw: a key of configs.DIT_SIZES
+    train_text: bool = True   # raw: train the text tower with the transformer
     eval_images: int = 64     # vae: held-out scenes for the PSNR
     stats_images: int = 1024  # vae: training scenes for latents_mean / latents_std
 
@@ -115,9 +117,12 @@ class StageConfig:
 DEFAULTS: dict[str, StageConfig] = {
     # lr 1e-3 diverged within 100 steps (measured); 3e-4 is stable. ~4.5 steps/s at batch 16, 2 threads.
     "vae": StageConfig(steps=8000, batch=16, lr=3e-4, warmup=100, kl_weight=1e-5, ckpt_every=250, eval_every=250),
-    "raw": StageConfig(steps=30000, batch=32, lr=5e-4, warmup=500, weight_decay=0.01, ema=0.999, pool=16384,
+    # lr 1e-3 (5e-4 learnt more slowly); the text tower trains too: frozen, the held-out adherence
+    # plateaued at 0.53-0.55 (3,500-5,000 steps), trained it reached 0.63 by 3,000 (MODEL_CARD.md).
+    "raw": StageConfig(steps=4500, batch=32, lr=1e-3, warmup=500, weight_decay=0.01, ema=0.999, pool=16384,
                        ckpt_every=500, eval_every=0),
-    "turbo": StageConfig(steps=4000, batch=16, lr=1e-4, warmup=100, weight_decay=0.01, ema=0.999, pool=16384,
+    # ~1 step/s: 1,000 steps fit the CPU budget; EMA 0.995 so the short run's average is recent.
+    "turbo": StageConfig(steps=1000, batch=16, lr=3e-4, warmup=100, weight_decay=0.01, ema=0.995, pool=16384,
                          ckpt_every=250, eval_every=0),
 }
 
@@ -556,6 +561,16 @@ def export_text_encoder(folder: Path, seed: int) -> Path:
     return folder
 
 
+def export_text_tower(state: dict[str, torch.Tensor], folder: Path, *, seed: int, step: int) -> Path:
+    """Replace the tower weights of an exported text encoder folder (tokenizer untouched)."""
+    from krea2kit.models.weights import save_safetensors_atomic
+
+    meta = {"krea2kit": "nano text encoder: trained with the nano Raw on the nano world", "seed": str(seed),
+            "step": str(step)}
+    save_safetensors_atomic(state, Path(folder) / "model.safetensors", meta)
+    return Path(folder)
+
+
 def load_nano_text_encoder(folder: Path):
     from krea2kit.conditioning import load_text_encoder
     from krea2kit.nano import configs
@@ -629,13 +644,41 @@ def encode_text(te, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]
     return hidden.clone(), mask.clone()
 
 
-def new_nano_dit(seed: int):
+def encode_text_trainable(te, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``te.encode`` (compact layout) with autograd through the tower."""
+    tokens = te.tokenize(list(prompts), warn=False)
+    compact = te.compact_hidden(tokens, range(len(prompts)))
+    return te.assemble(tokens, compact, tokens.trimmed_length)
+
+
+class DiTWithText(torch.nn.Module):
+    """The raw stage's trainable pair when the text tower learns too: one optimizer, EMA and
+    checkpoint cover both (keys ``dit.*`` and ``tower.*``); the export splits them again."""
+
+    def __init__(self, dit: torch.nn.Module, tower: torch.nn.Module):
+        super().__init__()
+        self.dit, self.tower = dit, tower
+
+
+def split_dit_with_text(state: dict[str, torch.Tensor]) -> tuple[dict, dict | None]:
+    """(transformer state, text tower state in the HF layout or None) of a raw-stage state."""
+    if not any(k.startswith("dit.") for k in state):
+        return state, None
+    dit = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
+    tower = {TEXT_PREFIX + k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
+    return dit, tower
+
+
+TEXT_PREFIX = "model.language_model."
+
+
+def new_nano_dit(seed: int, size: str = "m"):
     from krea2kit.models.dit import SingleStreamDiT
     from krea2kit.nano import configs
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SingleStreamDiT(configs.dit_config())
+        return SingleStreamDiT(configs.dit_config(size))
 
 
 def dit_velocity(dit, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -670,8 +713,11 @@ class RawTrainer(Trainer):
     stage = "raw"
 
     def __init__(self, cfg: StageConfig, run_dir: Path, seed: int, *, weights: Path, log=print):
-        super().__init__(cfg, run_dir, seed, new_nano_dit(seed + 1), log)
-        self.te = load_nano_text_encoder(Path(weights) / "text_encoder")
+        te = load_nano_text_encoder(Path(weights) / "text_encoder")
+        dit = new_nano_dit(seed + 1, cfg.dit_size)
+        model = DiTWithText(dit, te.tower.requires_grad_(True)) if cfg.train_text else dit
+        super().__init__(cfg, run_dir, seed, model, log)
+        self.te = te
         self.pool = cached_latent_pool(run_dir, Path(weights) / "vae", seed, _pool_size(cfg), log)
         self.mu = nano_mu()
 
@@ -685,6 +731,9 @@ class RawTrainer(Trainer):
     def loss(self, step: int):
         gen, rng = step_rngs(self.seed, self.stage, step)
         x0, captions = self.batch(step, rng)
+        if self.cfg.train_text:
+            hidden, mask = encode_text_trainable(self.te, captions)
+            return flow_matching_loss(self.model.dit, x0, hidden, mask, gen, self.mu)
         hidden, mask = encode_text(self.te, captions)
         return flow_matching_loss(self.model, x0, hidden, mask, gen, self.mu)
 
@@ -696,8 +745,10 @@ class TurboTrainer(Trainer):
         from krea2kit.models.dit_loader import load_dit
         from krea2kit.sampling import DISTILLED_MU, flow_sigmas
 
-        teacher = load_dit(Path(weights) / "raw", dtype=torch.float32)
-        student = load_dit(Path(weights) / "raw", dtype=torch.float32).requires_grad_(True)
+        # .float(): the export is fp16 and the loader keeps norm scales in their stored dtype;
+        # AdamW on fp16 parameters overflows (eps 1e-8 underflows), so train all in fp32.
+        teacher = load_dit(Path(weights) / "raw", dtype=torch.float32).float()
+        student = load_dit(Path(weights) / "raw", dtype=torch.float32).float().requires_grad_(True)
         super().__init__(cfg, run_dir, seed, student, log)
         self.teacher = teacher.eval().requires_grad_(False)
         self.te = load_nano_text_encoder(Path(weights) / "text_encoder")
@@ -740,13 +791,21 @@ class TurboTrainer(Trainer):
         return F.mse_loss(v, v_target), {"interval": torch.tensor(float(k))}
 
 
+# Shipped transformer precision: fp16 halves the files (two DiTs in fp32 would take the package
+# past its 20 MB budget) and keeps 10 mantissa bits; the CPU pipeline upcasts to fp32 on load.
+EXPORT_DIT_DTYPE = torch.float16
+
+
 def export_dit(state: dict[str, torch.Tensor], folder: Path, *, what: str, seed: int, step: int) -> Path:
-    """The native single-file layout (``model.safetensors`` with the official keys)."""
+    """The native single-file layout (``model.safetensors`` with the official keys), in
+    :data:`EXPORT_DIT_DTYPE`; checkpoints keep fp32."""
     from krea2kit.models.weights import save_safetensors_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"krea2kit": f"nano {what} trained on the nano world", "seed": str(seed), "step": str(step)}
+    meta = {"krea2kit": f"nano {what} trained on the nano world", "seed": str(seed), "step": str(step),
+            "dtype": str(EXPORT_DIT_DTYPE).removeprefix("torch.")}
+    state = {k: v.to(EXPORT_DIT_DTYPE) if v.is_floating_point() else v for k, v in state.items()}
     save_safetensors_atomic(state, folder / "model.safetensors", meta)
     return folder
 
@@ -783,7 +842,11 @@ def run_raw(out: Path, cfg: StageConfig, *, seed: int = DEFAULT_SEED, resume: bo
     ensure_text_encoder(out, seed, log)
     tr = RawTrainer(cfg, Path(out) / "raw", seed, weights=weights, log=log)
     tr.run(resume=resume)
-    export_dit(tr.export_state(), weights / "raw", what="Raw", seed=seed, step=tr.step)
+    dit_state, tower_state = split_dit_with_text(tr.export_state())
+    export_dit(dit_state, weights / "raw", what="Raw", seed=seed, step=tr.step)
+    if tower_state is not None:
+        export_text_tower(tower_state, weights / "text_encoder", seed=seed, step=tr.step)
+        log(f"[raw] exported the trained text tower to {weights / 'text_encoder'}")
     log(f"[raw] exported {weights / 'raw'}")
     return tr
 
@@ -817,6 +880,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int)
     ap.add_argument("--pool", type=int, help="raw/turbo: pre-encoded training latents")
     ap.add_argument("--teacher-substeps", type=int)
+    ap.add_argument("--dit-size", choices=("s", "m"), help="raw: transformer size (krea2kit.nano.configs.DIT_SIZES)")
+    ap.add_argument("--train-text", action=argparse.BooleanOptionalAction, default=None,
+                    help="raw: train the text tower with the transformer")
     ap.add_argument("--eval-images", type=int, help="vae: held-out scenes for the PSNR")
     ap.add_argument("--stats-images", type=int, help="vae: scenes for the latent statistics")
     ap.add_argument("--threads", type=int, default=1,
@@ -834,6 +900,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            log_every=args.log_every, eval_every=args.eval_every,
                            pool=args.pool if stage != "vae" else None,
                            teacher_substeps=args.teacher_substeps if stage == "turbo" else None,
+                           dit_size=args.dit_size if stage == "raw" else None,
+                           train_text=args.train_text if stage == "raw" else None,
                            eval_images=args.eval_images, stats_images=args.stats_images)
         RUNNERS[stage](out, cfg, seed=args.seed, resume=args.resume, log=log)
     return 0
