@@ -12,20 +12,22 @@ Stages (each one resumable, deterministic from ``--seed``):
   log-variance starts at -6 and AdamW runs at 3e-4 (1e-3 diverged). Measured: the held-out
   PSNR sits at the background-only level (~19 dB) for ~600 steps, then the objects come in.
   ``--resume --steps S`` with S at or below the last checkpoint just re-exports that checkpoint.
-* text encoder (built before ``raw``, no training): the Qwen3 tower of ``configs.text_config``
-  at a seeded random init, with a byte-level BPE trained on world captions. Frozen on purpose:
-  a random causal transformer keeps every token's identity in its residual stream and mixes in
-  its left context, the DiT's trainable text fusion (12 taps -> refiner -> ``txtmlp``) learns to
-  read it, and training the tower as well would cost 12 more layers of backward per step for
-  little gain on a 60-word vocabulary. Frozen also means its output is a pure function of the
-  caption, which keeps the ``raw``/``turbo`` stages cheap and deterministic.
-* ``raw``: ``SingleStreamDiT(configs.dit_config())`` with flow matching in the official
+* text encoder (built before ``raw``): the Qwen3 tower of ``configs.text_config`` at a seeded
+  random init, with a byte-level BPE trained on world captions; ``raw`` then trains it.
+  It started frozen, and that capped held-out adherence at 0.53-0.55: the DiT's text fusion
+  has no positions, so which colour and place belong to which shape must come from the
+  encoder's context mixing, and a random causal tower mixes its context almost uniformly.
+  Trained with the DiT (``--train-text``, the default) it reached 0.64, with position 0.65 ->
+  0.90 and colour 0.50 -> 0.69 (nano/weights/MODEL_CARD.md).
+* ``raw``: ``SingleStreamDiT(configs.dit_config())`` (and the text tower, one optimizer and
+  EMA over both: :class:`DiTWithText`) with flow matching in the official
   convention (``x_t = t * noise + (1 - t) * x0``, target ``v = noise - x0``). ``t`` is
   logit-normal with location ``mu = resolution_mu(tokens)``: ``sigmoid(N(mu, 1))`` is exactly
   a standard logit-normal pushed through the sampler's time shift ``e^mu``, so training spends
   its effort where :func:`krea2kit.sampling.flow_sigmas` puts the sampling steps. 10% of the
   captions become ``""`` (the official negative prompt) so classifier-free guidance works.
-  AdamW, linear warm-up, grad-norm clip 1, EMA of the weights (exported).
+  AdamW, linear warm-up, grad-norm clip 1, EMA of the weights (exported: the transformer to
+  ``weights/raw``, the tower over ``weights/text_encoder``).
 * ``turbo``: distilled from the exported Raw for 8 Euler steps at guidance 0 on
   ``flow_sigmas(8, 1.15)``. Method ("per-step trajectory regression", on-policy): each update
   picks one of the 8 intervals ``[s_k, s_k+1]``, rolls the *student* from pure noise through
@@ -44,11 +46,11 @@ loadable with ``load_qwen_vae``, ``load_text_encoder`` and ``load_dit``.
 Determinism: every random draw of step ``n`` comes from generators seeded with
 ``(seed, stage, n)``, so a resumed run continues exactly as an uninterrupted one.
 
-Throughput measured on the shared 2-core dev machine (1 torch thread, other jobs running):
-vae ~2.5 steps/s at batch 16; raw ~0.95 steps/s at batch 32 (DiT forward 0.33 s, backward +
-AdamW 0.65 s, text tower 0.15 s per step); turbo ~0.75 steps/s at batch 16 with 4 teacher
-substeps. ``--threads`` defaults to 1: with 2 threads on busy shared cores OpenMP spinning made
-steps up to 50x slower (measured); raise it on a dedicated machine.
+Throughput measured on the 2-core dev machine (1 torch thread each, two runs side by side):
+vae ~2.85 steps/s at batch 16; raw ("m" DiT + text tower) ~1.15 steps/s at batch 32, ~1.9 with
+the "s" DiT and a frozen tower; turbo ~1.0 steps/s at batch 16 with 4 teacher substeps.
+``--threads`` defaults to 1: with 2 threads on busy shared cores OpenMP spinning made steps up
+to 50x slower (measured); raise it on a dedicated machine.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class StageConfig:
 DEFAULTS: dict[str, StageConfig] = {
     # lr 1e-3 diverged within 100 steps (measured); 3e-4 is stable. ~4.5 steps/s at batch 16, 2 threads.
     "vae": StageConfig(steps=8000, batch=16, lr=3e-4, warmup=100, kl_weight=1e-5, ckpt_every=250, eval_every=250),
-    # lr 1e-3 (5e-4 learnt more slowly); the text tower trains too: frozen, the held-out adherence
+    # lr 1e-3 (chosen, not swept); the text tower trains too: frozen, the held-out adherence
     # plateaued at 0.53-0.55 (3,500-5,000 steps), trained it reached 0.63 by 3,000 (MODEL_CARD.md).
     "raw": StageConfig(steps=4500, batch=32, lr=1e-3, warmup=500, weight_decay=0.01, ema=0.999, pool=16384,
                        ckpt_every=500, eval_every=0),
@@ -534,7 +536,7 @@ def export_vae(state: dict[str, torch.Tensor], latents_mean: Sequence[float], la
 
 
 # --------------------------------------------------------------------------------------------
-# Text encoder (frozen at a seeded random init)
+# Text encoder (seeded random init; the raw stage trains it)
 
 TOKENIZER_CORPUS_SIZE = 4000
 
@@ -553,7 +555,7 @@ def export_text_encoder(folder: Path, seed: int) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 20)
         tower = Qwen3TextTower(configs.text_config(tokenizer.get_vocab_size()))
-    meta = {"krea2kit": "nano text encoder: seeded random init, frozen (the DiT learns to read it)",
+    meta = {"krea2kit": "nano text encoder: seeded random init (the raw stage trains it)",
             "seed": str(seed)}
     save_safetensors_atomic({f"model.language_model.{k}": v for k, v in tower.state_dict().items()},
                             folder / "model.safetensors", meta)
@@ -831,7 +833,7 @@ def ensure_text_encoder(out: Path, seed: int, log=print) -> Path:
     folder = Path(out) / "weights" / "text_encoder"
     if not (folder / "model.safetensors").is_file():
         export_text_encoder(folder, seed)
-        log(f"[text] exported {folder} (seeded random init, frozen)")
+        log(f"[text] exported {folder} (seeded random init)")
     return folder
 
 
