@@ -130,6 +130,14 @@ def test_dtypes_kept_or_forced(tmp_path, tiny_files):
     allhalf = load_dit(tmp_path / "mixed.safetensors", dtype=torch.float16, keep_norms_fp32=False)
     assert {v.dtype for v in allhalf.state_dict().values()} == {torch.float16}
 
+    # A file stored all in fp16 (the shipped nano transformers): norms are still held in fp32.
+    save_safetensors_atomic({k: v.half() for k, v in tiny_files["native"].items()}, tmp_path / "half.safetensors")
+    upcast = load_dit(tmp_path / "half.safetensors", dtype=torch.float32)
+    assert {v.dtype for v in upcast.state_dict().values()} == {torch.float32}
+    lowered = load_dit(tmp_path / "half.safetensors", dtype=torch.bfloat16)
+    for k, v in lowered.state_dict().items():
+        assert v.dtype == (torch.float32 if k.endswith(".scale") else torch.bfloat16), k
+
 
 def test_config_inferred_from_shapes_and_config_json(tmp_path, tiny_files):
     assert dit_config_from_checkpoint(open_checkpoint(tiny_files["root"] / "native.safetensors")) == PRESETS["tiny"]

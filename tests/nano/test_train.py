@@ -167,7 +167,7 @@ def test_evaluate_turns_a_raw_checkpoint_into_loadable_parts(run_dir, tmp_path):
 
     parts = export_checkpoint(T.list_checkpoints(run_dir / "raw")[-1], run_dir / "weights", tmp_path / "x")
     dit = load_dit(parts["dit"], dtype=torch.float32)
-    shipped = load_dit(run_dir / "weights" / "raw", dtype=torch.float32).float()
+    shipped = load_dit(run_dir / "weights" / "raw", dtype=torch.float32)
     for k, v in shipped.state_dict().items():  # the export is the same EMA, rounded to fp16
         assert torch.allclose(dit.state_dict()[k].float(), v, rtol=1e-3, atol=1e-4), k
     te = load_text_encoder(parts["text_encoder"], taps=configs.NANO_TAPS)

@@ -308,8 +308,10 @@ def assign_weights(
     reshape a tensor by module key; ``ignore`` marks checkpoint keys that are expected
     but not used (e.g. vision-tower weights). Missing/unexpected keys and shape
     mismatches raise one :class:`WeightsError` with a summary. Tensors keep their stored
-    dtype unless ``dtype`` is given; ``keep_fp32(name)`` exempts names (norms) from it.
+    dtype unless ``dtype`` is given; then names where ``keep_fp32(name)`` holds (norms) are
+    held in fp32 instead, whatever their stored dtype.
     """
+    import torch
 
     expected = dict(module.state_dict(keep_vars=True))
     plan: dict[str, str] = {}
@@ -358,8 +360,8 @@ def assign_weights(
                     f"shape mismatch for {ck}: {tuple(tensor.shape)} after conversion, expected {tuple(expected[mk].shape)}",
                     file=str(checkpoint.path),
                 )
-        if dtype is not None and tensor.is_floating_point() and not (keep_fp32 and keep_fp32(mk)):
-            tensor = tensor.to(dtype)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(torch.float32 if keep_fp32 and keep_fp32(mk) else dtype)
         tensor = tensor.to(device)
         _set_tensor(module, mk, tensor)
 

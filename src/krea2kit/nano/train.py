@@ -747,10 +747,9 @@ class TurboTrainer(Trainer):
         from krea2kit.models.dit_loader import load_dit
         from krea2kit.sampling import DISTILLED_MU, flow_sigmas
 
-        # .float(): the export is fp16 and the loader keeps norm scales in their stored dtype;
-        # AdamW on fp16 parameters overflows (eps 1e-8 underflows), so train all in fp32.
-        teacher = load_dit(Path(weights) / "raw", dtype=torch.float32).float()
-        student = load_dit(Path(weights) / "raw", dtype=torch.float32).float().requires_grad_(True)
+        # The export is fp16; both train in fp32 (AdamW's eps underflows in fp16 parameters).
+        teacher = load_dit(Path(weights) / "raw", dtype=torch.float32)
+        student = load_dit(Path(weights) / "raw", dtype=torch.float32).requires_grad_(True)
         super().__init__(cfg, run_dir, seed, student, log)
         self.teacher = teacher.eval().requires_grad_(False)
         self.te = load_nano_text_encoder(Path(weights) / "text_encoder")
