@@ -46,18 +46,19 @@ def cold(runs: int, preset: str) -> tuple[list[float], list[float]]:
     return cli, floor
 
 
+def recipe(preset: str, *, count: int = 1, seed: int = 0, out_dir: str = "krea2kit-out") -> str:
+    return (f'schema = "krea2kit.recipe/1"\nprompt = "{PROMPT}"\nseed = {seed}\ncount = {count}\n'
+            f'[model]\npreset = "{preset}"\n[output]\ndir = "{out_dir}"\n')
+
+
 def warm(images: int, preset: str) -> tuple[float, dict[str, float], float]:
     from krea2kit.api import Session
 
     session = Session()
     with tempfile.TemporaryDirectory() as tmp:
-        def recipe(n: int, seed: int) -> str:
-            return (f'schema = "krea2kit.recipe/1"\nprompt = "{PROMPT}"\nseed = {seed}\ncount = {n}\n'
-                    f'[model]\npreset = "{preset}"\n[output]\ndir = "{tmp}"\n')
-
-        list(session.run(session.plan(text=recipe(1, 10_000))))  # loads the parts
+        list(session.run(session.plan(text=recipe(preset, seed=10_000, out_dir=tmp))))  # loads the parts
         t0 = time.perf_counter()
-        records = list(session.run(session.plan(text=recipe(images, 0))))
+        records = list(session.run(session.plan(text=recipe(preset, count=images, out_dir=tmp))))
         per_image = (time.perf_counter() - t0) / images
     stages: dict[str, float] = {}
     for rec in records:
@@ -67,25 +68,23 @@ def warm(images: int, preset: str) -> tuple[float, dict[str, float], float]:
 
 
 def bare(session, preset: str, images: int) -> float:
-    """The same image's compute without the pipeline around it (parts from ``session``)."""
+    """The same image's compute without the pipeline around it (parts from ``session``):
+    text encoder, the sampler on the same denoiser, VAE decode."""
     import torch
 
     from krea2kit import sampling
 
-    plan = session.plan(text=f'schema = "krea2kit.recipe/1"\nprompt = "{PROMPT}"\n[model]\npreset = "{preset}"\n')
+    plan = session.plan(text=recipe(preset))
     load = dict(device="cpu", dtype="float32", events=lambda *a, **k: None)
     te, dit, vae = (session.pipeline.part(plan, role, **load) for role in ("text_encoder", "dit", "vae"))
-    layout = plan.recipe.model.layout
+    sigmas = sampling.flow_sigmas(plan.steps, plan.mu)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(images):
-            hidden, mask = te.encode([PROMPT])
-            denoise = dit.make_denoiser((hidden, mask), None, guidance=0.0, height=64, width=64, layout=layout)
+            cond = te.encode([PROMPT])
+            denoise = dit.make_denoiser(cond, None, guidance=0.0, height=64, width=64, layout=plan.recipe.model.layout)
             x = sampling.initial_noise(i, 64, 64, channels=16, factor=8, device="cpu", dtype=torch.float32)
-            sig = sampling.flow_sigmas(plan.steps, plan.mu).tolist()
-            for a, b in zip(sig[:-1], sig[1:]):
-                x = x + (b - a) * denoise(x, a)
-            vae.decode(x)
+            vae.decode(sampling.euler(denoise, x, sigmas))
     return (time.perf_counter() - t0) / images
 
 

@@ -95,9 +95,10 @@ def evaluate(*, preset: str, n: int = DEFAULT_COUNT, seed: int = 0, weights: Pat
                 reports.append(scorer.score(im.convert("RGB"), caption))
     summary = scorer.summarise(reports)
     return {
-        "preset": preset, "n": len(reports), "seed": seed,
+        "preset": preset, "seed": seed,
         "steps": records[0].steps, "guidance": records[0].guidance, "mu": records[0].mu,
         **{k: round(float(v), 4) for k, v in summary.items()},
+        "n": len(reports),
         "seconds": round(elapsed, 2),
         "per_image": [{"caption": c, "adherence": round(r.adherence, 4), "failed": r.failed}
                       for c, r in zip(captions, reports)],
@@ -106,10 +107,6 @@ def evaluate(*, preset: str, n: int = DEFAULT_COUNT, seed: int = 0, weights: Pat
 
 # --------------------------------------------------------------------------------------------
 # Learning curve over a training run's checkpoints
-
-def _checkpoint_step(path: Path) -> int:
-    return int(path.name.split("-", 1)[1])
-
 
 def export_checkpoint(ckpt: Path, weights: Path, folder: Path) -> dict[str, Path]:
     """The EMA weights of a raw/turbo checkpoint as loadable files: ``{"dit": file}`` and, when
@@ -134,7 +131,7 @@ def curve(run_dir: Path, *, weights: Path, preset: str, until: int | None = None
           out: Path | None = None, poll: float = 30.0, log=print) -> list[dict]:
     """Score the EMA weights of every checkpoint in ``run_dir`` (waiting for new ones while
     training runs, up to step ``until``); one JSON line per checkpoint in ``out``."""
-    from krea2kit.nano.train import list_checkpoints
+    from krea2kit.nano.train import checkpoint_step, list_checkpoints
 
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "curve.jsonl"
@@ -146,16 +143,15 @@ def curve(run_dir: Path, *, weights: Path, preset: str, until: int | None = None
                 done[rec["step"]] = rec
     with tempfile.TemporaryDirectory(prefix="krea2kit-curve-") as tmp:
         while True:
-            fresh = [p for p in list_checkpoints(run_dir) if _checkpoint_step(p) not in done]
+            fresh = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) not in done]
             for ckpt in fresh:
-                step = _checkpoint_step(ckpt)
+                step = checkpoint_step(ckpt)
                 try:
                     parts = export_checkpoint(ckpt, weights, Path(tmp) / f"step-{step}")
                 except FileNotFoundError:
                     continue  # rotated away while we looked
-                from krea2kit.api import Session
-
-                rec = evaluate(preset=preset, n=n, weights=weights, session=Session(), **parts)
+                # a fresh Session per checkpoint (evaluate's default): parts of earlier steps are freed
+                rec = evaluate(preset=preset, n=n, weights=weights, **parts)
                 rec = {"step": step, **{k: v for k, v in rec.items() if k != "per_image"}}
                 done[step] = rec
                 with open(out, "a") as f:

@@ -211,12 +211,17 @@ def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step of a ``ckpt-NNNNNNN`` folder."""
+    return int(Path(path).name[len(CKPT_PREFIX):])
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
     found = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
              and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+    return sorted(found, key=checkpoint_step)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -539,6 +544,8 @@ def export_vae(state: dict[str, torch.Tensor], latents_mean: Sequence[float], la
 # Text encoder (seeded random init; the raw stage trains it)
 
 TOKENIZER_CORPUS_SIZE = 4000
+# Key prefix of the exported tower: the transformers Qwen3-VL layout the text loader reads.
+TEXT_PREFIX = "model.language_model."
 
 
 def export_text_encoder(folder: Path, seed: int) -> Path:
@@ -557,7 +564,7 @@ def export_text_encoder(folder: Path, seed: int) -> Path:
         tower = Qwen3TextTower(configs.text_config(tokenizer.get_vocab_size()))
     meta = {"krea2kit": "nano text encoder: seeded random init (the raw stage trains it)",
             "seed": str(seed)}
-    save_safetensors_atomic({f"model.language_model.{k}": v for k, v in tower.state_dict().items()},
+    save_safetensors_atomic({TEXT_PREFIX + k: v for k, v in tower.state_dict().items()},
                             folder / "model.safetensors", meta)
     (folder / "krea2kit.json").write_text(json.dumps({"taps": list(configs.NANO_TAPS)}) + "\n")
     return folder
@@ -669,9 +676,6 @@ def split_dit_with_text(state: dict[str, torch.Tensor]) -> tuple[dict, dict | No
     dit = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
     tower = {TEXT_PREFIX + k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
     return dit, tower
-
-
-TEXT_PREFIX = "model.language_model."
 
 
 def new_nano_dit(seed: int, size: str = "m"):
