@@ -1,0 +1,179 @@
+"""Quantize a full-precision transformer file while loading it (``weights_dtype = "fp8" | "int8"``).
+
+Tensors are read one at a time with plain file reads (no memory map, so file pages never
+count in the process's resident size), each quantizable Linear is quantized by comfy-kitchen
+as ComfyUI re-quantizes weights (fp8: per-tensor scale ``amax / 448``; int8: per-row scales with
+the ConvRot group rotation where the width allows, as Comfy-Org's ``int8_convrot`` files),
+and the full-precision tensor is dropped before the next is read. Peak host memory is the
+quantized model plus one full-precision tensor. What every community quantizer keeps in
+full precision stays so (:data:`krea2kit.quant.KEEP_FULL_PRECISION`, norms, modulations).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from krea2kit.errors import WeightsError
+from krea2kit.quant import keeps_full_precision
+from krea2kit.quant.linear import QuantLinear
+
+#: recipe value -> ComfyUI layer format written / computed.
+WEIGHTS_DTYPES = {
+    "fp8": {"format": "float8_e4m3fn"},
+    "int8": {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256},
+}
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def stream_tensors(ckpt, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` from safetensors files by ``pread`` in file order: no memory map."""
+    wanted = set(keys)
+    for f in ckpt.files():
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            entries = sorted((v["data_offsets"][0], k) for k, v in header.items() if k in wanted)
+            for begin, k in entries:
+                info = header[k]
+                dtype = _ST_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise WeightsError(f"{k} is stored as {info['dtype']}; quantizing on load needs a bf16/fp16/fp32 file",
+                                       file=str(f), key=k)
+                size = info["data_offsets"][1] - begin
+                buf = bytearray(size)
+                fh.seek(8 + n + begin)
+                if fh.readinto(buf) != size:
+                    raise WeightsError("truncated tensor data", file=str(f), key=k)
+                t = torch.frombuffer(buf, dtype=dtype) if size else torch.empty(0, dtype=dtype)
+                yield k, t.reshape(info["shape"])
+
+
+def _codec_conf(weights_dtype: str, in_features: int) -> dict:
+    conf = dict(WEIGHTS_DTYPES[weights_dtype])
+    if conf.get("convrot") and in_features % conf["convrot_groupsize"]:
+        conf = {"format": "int8_tensorwise"}  # the rotation needs whole groups: plain per-row int8
+    return conf
+
+
+def _give_back_freed_memory() -> None:
+    """Return freed heap pages to the system (glibc): the per-tensor temporaries come in many
+    sizes and would otherwise stay mapped, so the peak would grow with the model."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _quantize(codec, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    from comfy_kitchen.tensor import QuantizedTensor
+
+    if codec.format == "int8_tensorwise":
+        kwargs = {"per_channel": True, "convrot": codec.convrot, "convrot_groupsize": codec.convrot_groupsize}
+    else:
+        kwargs = {"scale": "recalculate"}
+    qt = QuantizedTensor.from_float(weight, codec.layout_cls, **kwargs)
+    return {"qweight": qt._qdata.contiguous(), "weight_scale": qt._params.scale.float().contiguous()}
+
+
+def load_dit_quantizing(path: str | os.PathLike, weights_dtype: str, *, config=None, dtype=None, device="cpu",
+                        keep_norms_fp32: bool = True):
+    """A transformer from a bf16/fp16/fp32 file (native, ComfyUI or diffusers layout), its
+    Linears quantized to ``weights_dtype`` ("fp8" or "int8") while streaming."""
+    from krea2kit.models.dit import build_meta
+    from krea2kit.models.dit_loader import detect_layout, diffusers_to_native, dit_config_from_checkpoint
+    from krea2kit.models.weights import open_checkpoint, summarize_names
+    from krea2kit.quant.comfy import ComfyCodec, require_comfy_kitchen
+    from krea2kit.quant.detect import detect_quantization
+
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {sorted(WEIGHTS_DTYPES)}, not {weights_dtype!r}")
+    p = Path(path).expanduser()
+    ckpt = open_checkpoint(p, what="transformer weights")
+    require_comfy_kitchen(str(p), weights_dtype)
+    if detect_quantization(ckpt) is not None:
+        raise WeightsError("this file is already quantized", file=str(p),
+                           hint="load it as it is (leave out the weights dtype), or point at the bf16 file")
+    layout, prefix = detect_layout(ckpt.keys())
+    cfg = config or dit_config_from_checkpoint(ckpt)
+    compute = dtype or torch.bfloat16
+
+    def key_map(k: str) -> str | None:
+        if not k.startswith(prefix):
+            return None
+        rest = k[len(prefix):]
+        if layout == "diffusers":
+            try:
+                return diffusers_to_native(rest)
+            except KeyError:
+                return "<unknown>." + k
+        return rest
+
+    model = build_meta(cfg)
+    quant: dict[str, QuantLinear] = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and not keeps_full_precision(name):
+            codec = ComfyCodec(_codec_conf(weights_dtype, mod.in_features))
+            new = QuantLinear(mod.in_features, mod.out_features, mod.bias is not None, codec, compute, device="meta")
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+            quant[name] = new
+    expected = dict(model.state_dict(keep_vars=True))
+    names = {f"{n}.weight": f"{n}.qweight" for n in quant}
+    plan = {}
+    for k in ckpt.keys():
+        mk = key_map(k)
+        if mk is not None:
+            plan[k] = names.get(mk, mk)
+    unexpected = [k for k, mk in plan.items() if mk not in expected]
+    covered = set(plan.values()) | {f"{n}.weight_scale" for n in quant}
+    missing = [mk for mk in expected if mk not in covered]
+    if missing or unexpected:
+        raise WeightsError("the transformer weights do not match the model: "
+                           f"{len(missing)} missing ({summarize_names(missing)}), "
+                           f"{len(unexpected)} unexpected ({summarize_names(unexpected)})", file=str(p))
+
+    def put(name: str, tensor: torch.Tensor) -> None:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor
+
+    for k, tensor in stream_tensors(ckpt, plan):
+        mk = plan[k]
+        module, _, leaf = mk.rpartition(".")
+        if leaf == "qweight":
+            qmod = quant[module]
+            if tuple(tensor.shape) != (qmod.out_features, qmod.in_features):
+                raise WeightsError(f"shape mismatch for {k}: {tuple(tensor.shape)}, the model expects "
+                                   f"{(qmod.out_features, qmod.in_features)}", file=str(p), key=k)
+            for buf, t in _quantize(qmod.codec, tensor).items():
+                put(f"{module}.{buf}", t.to(device))
+            del tensor
+            _give_back_freed_memory()
+            continue
+        if layout == "diffusers" and leaf == "lin" and module.endswith(".mod"):
+            tensor = tensor.reshape(-1)  # scale_shift_table (6, F) -> mod.lin (6F,)
+        if tuple(tensor.shape) != tuple(expected[mk].shape):
+            raise WeightsError(f"shape mismatch for {k}: the file has {tuple(tensor.shape)}, the model expects "
+                               f"{tuple(expected[mk].shape)}", file=str(p), key=k)
+        if tensor.is_floating_point():
+            if module in quant:  # a quantized layer's bias computes with it
+                tensor = tensor.to(compute)
+            elif dtype is not None:
+                tensor = tensor.to(torch.float32 if keep_norms_fp32 and leaf == "scale" else dtype)
+        put(mk, tensor.to(device=device, copy=True))  # never a view of the read buffer
+    model.eval().requires_grad_(False)
+    model.storage_layout = "+".join(sorted({q.storage_layout for q in quant.values()})) + " (quantized on load)"
+    return model

@@ -1,0 +1,42 @@
+"""Peak host memory of one transformer load, run in a fresh process by test_quantize_on_load:
+``python rss_probe.py FILE MODE`` prints JSON {"before": bytes, "peak": bytes, "resident": bytes}."""
+
+import json
+import sys
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field}")
+
+
+def rss_now() -> int:
+    return _status("VmRSS")
+
+
+def main(path: str, mode: str) -> None:
+    import torch
+
+    from krea2kit.models.dit_loader import load_dit
+    from krea2kit.quant.load import resident_nbytes
+    from krea2kit.quant.onload import load_dit_quantizing
+
+    import comfy_kitchen  # noqa: F401  (a fixed ~90 MB of kernels; not what is measured)
+    from comfy_kitchen.tensor import QuantizedTensor  # noqa: F401
+
+    torch.set_num_threads(1)
+    before = rss_now()
+    if mode == "bf16":
+        model = load_dit(path, dtype=torch.bfloat16)
+    else:
+        model = load_dit_quantizing(path, mode, dtype=torch.bfloat16)
+    # VmHWM: this process's own high-water mark (ru_maxrss would carry the parent's from fork).
+    peak = _status("VmHWM")
+    print(json.dumps({"before": before, "peak": peak, "resident": resident_nbytes(model)}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

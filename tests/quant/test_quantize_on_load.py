@@ -1,0 +1,100 @@
+"""Quantizing a full-precision file while loading it (fp8 / int8): the storage is what
+comfy-kitchen makes of each file tensor, the full-precision islands stay as stored, the
+output stays close to the full-precision model, and peak host memory stays near the
+quantized size (never the bf16 size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("comfy_kitchen")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import krea2kit  # noqa: E402
+from krea2kit.errors import WeightsError  # noqa: E402
+from krea2kit.models.dit import DiTConfig, build_meta  # noqa: E402
+from krea2kit.models.dit_loader import load_dit  # noqa: E402
+from krea2kit.quant import keeps_full_precision  # noqa: E402
+from krea2kit.quant.linear import QuantLinear  # noqa: E402
+from krea2kit.quant.load import resident_nbytes  # noqa: E402
+from krea2kit.quant.onload import load_dit_quantizing  # noqa: E402
+
+NANO_DIT = Path(krea2kit.__file__).parent / "nano" / "weights" / "turbo" / "model.safetensors"
+
+
+@pytest.mark.parametrize("weights_dtype", ["fp8", "int8"])
+def test_quantize_on_load_stores_what_comfy_kitchen_makes(weights_dtype):
+    from comfy_kitchen.tensor import QuantizedTensor
+
+    state = load_file(str(NANO_DIT))
+    model = load_dit_quantizing(NANO_DIT, weights_dtype, dtype=torch.float32)
+    ref = load_dit(NANO_DIT, dtype=torch.float32)
+    n = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        w = state[name + ".weight"]
+        if keeps_full_precision(name):
+            assert not isinstance(mod, QuantLinear) and torch.equal(mod.weight, w.float()), name
+            continue
+        assert isinstance(mod, QuantLinear), name
+        if weights_dtype == "fp8":
+            qt = QuantizedTensor.from_float(w, "TensorCoreFP8Layout", scale="recalculate")
+        else:
+            rot = w.shape[1] % 256 == 0
+            qt = QuantizedTensor.from_float(w, "TensorWiseINT8Layout", per_channel=True, convrot=rot)
+            assert mod.codec.convrot == rot
+        assert torch.equal(mod._buffers["qweight"], qt._qdata), name
+        assert torch.equal(mod._buffers["weight_scale"], qt._params.scale.float()), name
+        n += 1
+    assert n == 64
+    assert resident_nbytes(model) < 0.4 * resident_nbytes(ref)
+    g = torch.Generator().manual_seed(0)
+    cfg = ref.config
+    img, txt = torch.randn(1, 16, cfg.in_features, generator=g), torch.randn(1, 7, cfg.txtlayers, cfg.txtdim, generator=g)
+    with torch.no_grad():
+        a, b = ref(img, torch.tensor([0.6]), txt, None, (4, 4)), model(img, torch.tensor([0.6]), txt, None, (4, 4))
+    assert ((a - b).norm() / a.norm()).item() < 0.03
+
+
+def test_quantize_on_load_refuses_an_already_quantized_file(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from community_files import write_comfy
+
+    state = {k: v.float() for k, v in load_file(str(NANO_DIT)).items()}
+    write_comfy(state, tmp_path / "fp8.safetensors", "fp8_scaled")
+    with pytest.raises(WeightsError, match="already quantized"):
+        load_dit_quantizing(tmp_path / "fp8.safetensors", "fp8")
+
+
+@pytest.mark.slow
+def test_quantize_on_load_peak_memory_stays_near_the_quantized_size(tmp_path):
+    # A synthetic 87M-parameter transformer (173 MB in bf16), 89 % of it in quantizable Linears.
+    cfg = DiTConfig(features=1024, heads=8, kvheads=2, layers=6, tdim=256, txtdim=256, txtheads=2, txtkvheads=2,
+                    txtlayers=12)
+    g = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(v.shape, generator=g) * 0.02).to(torch.bfloat16) for k, v in build_meta(cfg).state_dict().items()}
+    path = tmp_path / "mid-bf16.safetensors"
+    save_file(state, str(path))
+    del state
+    size = os.path.getsize(path)
+    probe = Path(__file__).parent / "rss_probe.py"
+    results = {}
+    for mode in ("fp8", "int8"):
+        out = subprocess.run([sys.executable, str(probe), str(path), mode], capture_output=True, text=True, check=True)
+        results[mode] = json.loads(out.stdout)
+    for mode, r in results.items():
+        grew = r["peak"] - r["before"]
+        # Measured (CPU, torch 2.13): resident 0.55x the bf16 file; the process grew 0.70x (fp8) and
+        # 0.80x (int8): the model plus the temporaries of quantizing one tensor (here the largest
+        # is 3 % of the model; in the 12.8B model under 1 %).
+        assert r["resident"] < 0.6 * size, (mode, r, size)
+        assert grew < 0.9 * size and grew - r["resident"] < 0.35 * size, (mode, grew / size)
