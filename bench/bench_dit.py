@@ -1,14 +1,19 @@
 """CPU benchmark: krea2kit's Krea 2 transformer vs diffusers' Krea2Transformer2DModel.
 
 Same random weights (diffusers' parameters are views of ours), mid-size config
-(PRESETS["bench-1024"]: width 1024, 4 blocks, 8 heads / 2 KV heads, head dim 128), 1024 image
-tokens (32 x 32 patches = a 512^2 image) and a 40-token prompt, fp32.
+(``bench-1024`` in bench/dit_sizes.py: width 1024, 4 blocks, 8 heads / 2 KV heads, head dim 128),
+1024 image tokens (32 x 32 patches = a 512^2 image) and a 40-token prompt, fp32.
 
-  A  same input to both: 40 + 5 valid text tokens, no padding (kernel-for-kernel).
+krea2kit runs in either token layout (recipe ``model.layout``): ``official``, the Krea 2
+presets' default, keeps the 512 text positions (padding masked) and pads the sequence to a multiple of 256
+as the reference forward does; ``compact`` drops the padding (45 text tokens).
+
+  A  same input to both: 40 + 5 valid text tokens, no padding (kernel-for-kernel; krea2kit
+     without sequence padding, i.e. compact).
   B  what each pipeline feeds: the official/diffusers encoder output, 512 text positions of which
-     45 are valid. diffusers runs all 512 with a mask; krea2kit drops the padding.
+     45 are valid. diffusers runs all 512 with a mask; krea2kit is timed in both layouts.
   C  one CFG step (g > 0) with B-style text: diffusers' pipeline runs two passes; Krea2Denoiser
-     runs cond + uncond as one batch with cached text features and RoPE.
+     (both layouts) runs cond + uncond as one batch with cached text features and RoPE.
 
 Time: best of a few alternating runs in this process (the machine is shared: the minimum is the
 least disturbed measurement). Memory: each variant in a fresh
@@ -18,6 +23,7 @@ Then K/V head repetition vs enable_gqa at the attention call, and a per-op profi
 (self CPU time, which a busy shared machine disturbs less than wall time).
 
     python bench/bench_dit.py
+    BENCH_DIT_SIZE=smoke python bench/bench_dit.py    # the same cases on a tiny model, seconds
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import time
 import torch
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+SIZE = os.environ.get("BENCH_DIT_SIZE", "bench-1024")  # "smoke": a seconds-long check of the script
 torch.set_num_threads(THREADS)
 
 GRID = (32, 32)
@@ -43,10 +50,12 @@ PADDED = 512
 def build(seed: int = 0):
     from diffusers import Krea2Transformer2DModel
 
-    from krea2kit.models.dit import PRESETS, SingleStreamDiT
+    from dit_sizes import dit_size
+
+    from krea2kit.models.dit import SingleStreamDiT
     from krea2kit.models.dit_loader import native_to_diffusers
 
-    cfg = PRESETS["bench-1024"]
+    cfg = dit_size(SIZE)
     ours = SingleStreamDiT(cfg).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -72,10 +81,15 @@ def inputs(cfg, padded: bool, batch: int = 1, seed: int = 1):
     return txt, (mask if padded else None), lat
 
 
-def run_ours(model, txt, mask, lat, t=0.7):
+def run_ours(model, txt, mask, lat, t=0.7, layout="compact"):
+    from krea2kit.denoiser import OFFICIAL_PAD_TO
     from krea2kit.models.dit import patchify
 
-    return model(patchify(lat), torch.full((lat.shape[0],), t), txt, mask, GRID)
+    tt = torch.full((lat.shape[0],), t)
+    if layout == "official":  # keep the masked text padding, pad the sequence like the reference
+        feats = model.encode_text(txt, mask, drop_padding=False)
+        return model(patchify(lat), tt, txt_features=feats, grid_hw=GRID, pad_to=OFFICIAL_PAD_TO)
+    return model(patchify(lat), tt, txt, mask, GRID)
 
 
 def run_ref(ref, txt, mask, lat, t=0.7):
@@ -105,10 +119,12 @@ def rss_mib() -> float:
 def child(variant: str) -> None:
     """One variant in a fresh process: peak RSS added by one forward."""
     cfg, ours, ref = build()
-    padded = variant.endswith("B")
+    padded = "B" in variant
     txt, mask, lat = inputs(cfg, padded)
     fn = {"oursA": lambda: run_ours(ours, txt, mask, lat), "refA": lambda: run_ref(ref, txt, mask, lat),
-          "oursB": lambda: run_ours(ours, txt, mask, lat), "refB": lambda: run_ref(ref, txt, mask, lat)}[variant]
+          "oursB-official": lambda: run_ours(ours, txt, mask, lat, layout="official"),
+          "oursB-compact": lambda: run_ours(ours, txt, mask, lat, layout="compact"),
+          "refB": lambda: run_ref(ref, txt, mask, lat)}[variant]
     with torch.no_grad():
         # No warm-up: freed activations stay in the allocator's pools, so a second forward would
         # show almost no growth. The first forward's growth is its activation peak (plus small
@@ -138,43 +154,49 @@ def main() -> None:
     from krea2kit.denoiser import Krea2Denoiser
 
     cfg, ours, ref = build()
-    print(f"config bench-1024: {cfg.num_params() / 1e6:.1f}M params, {GRID[0] * GRID[1]} image tokens, "
+    print(f"config {SIZE}: {cfg.num_params() / 1e6:.1f}M params, {GRID[0] * GRID[1]} image tokens, "
           f"{PROMPT}-token prompt (+{SUFFIX} suffix), fp32, {THREADS} threads, torch {torch.__version__}")
-    results = {}
     with torch.no_grad():
-        for case, padded, reps in (("A", False, 8), ("B", True, 2)):
+        # A: one input, no padding, so the layouts coincide; B: the padded encoder output, both layouts.
+        for case, padded, layouts, reps in (("A", False, ("compact",), 8), ("B", True, ("official", "compact"), 2)):
             txt, mask, lat = inputs(cfg, padded)
-            a = run_ours(ours, txt, mask, lat)
             b = run_ref(ref, txt, mask, lat)
-            err = (a - b).abs().max().item()
-            run_ours(ours, txt, mask, lat)  # warm
-            to, tr = [], []
-            for _ in range(reps):  # alternate so background load hits both alike
-                to += timed(lambda: run_ours(ours, txt, mask, lat), 1)
-                tr += timed(lambda: run_ref(ref, txt, mask, lat), 1)
-            results[case] = (min(to), min(tr), err)
-            print(f"[{case}] ours {results[case][0]:.3f} s  diffusers {results[case][1]:.3f} s  "
-                  f"ratio diffusers/ours {results[case][1] / results[case][0]:.2f}x  max|diff| {err:.1e}")
+            errs = {lay: (run_ours(ours, txt, mask, lat, layout=lay) - b).abs().max().item() for lay in layouts}
+            times: dict[str, list[float]] = {lay: [] for lay in (*layouts, "diffusers")}
+            for _ in range(reps):  # alternate so background load hits all alike
+                for lay in layouts:
+                    times[lay] += timed(lambda: run_ours(ours, txt, mask, lat, layout=lay), 1)
+                times["diffusers"] += timed(lambda: run_ref(ref, txt, mask, lat), 1)
+            tr = min(times["diffusers"])
+            for lay in layouts:
+                to = min(times[lay])
+                print(f"[{case}] ours ({lay}) {to:.3f} s  diffusers {tr:.3f} s  ratio diffusers/ours {tr / to:.2f}x  "
+                      f"max|diff| {errs[lay]:.1e}")
 
         # C: one CFG step
         txt, mask, lat = inputs(cfg, True)
         untxt = torch.randn(1, PADDED, cfg.txtlayers, cfg.txtdim)
         unmask = torch.zeros(1, PADDED, dtype=torch.bool)
         unmask[:, PADDED - SUFFIX:] = True
-        den = Krea2Denoiser(ours, txt, mask, uncond_txt=untxt, uncond_mask=unmask, guidance=3.5, latent_hw=lat.shape[2:])
+        dens = {lay: Krea2Denoiser(ours, txt, mask, uncond_txt=untxt, uncond_mask=unmask, guidance=3.5,
+                                   latent_hw=lat.shape[2:], layout=lay) for lay in ("official", "compact")}
 
         def ref_step():
             c = run_ref(ref, txt, mask, lat)
             u = run_ref(ref, untxt, unmask, lat)
             return c + 3.5 * (c - u)
 
-        den(lat, 0.7)
-        to, tr = [], []
+        for den in dens.values():
+            den(lat, 0.7)  # warm (RoPE tables, batched text features)
+        times = {name: [] for name in (*dens, "diffusers")}
         for _ in range(2):
-            to += timed(lambda: den(lat, 0.7), 1)
-            tr += timed(ref_step, 1)
-        print(f"[C] CFG step: Krea2Denoiser {min(to):.3f} s  diffusers 2 passes "
-              f"{min(tr):.3f} s  ratio {min(tr) / min(to):.2f}x")
+            for lay, den in dens.items():
+                times[lay] += timed(lambda: den(lat, 0.7), 1)
+            times["diffusers"] += timed(ref_step, 1)
+        tr = min(times["diffusers"])
+        for lay in dens:
+            print(f"[C] CFG step: Krea2Denoiser ({lay}) {min(times[lay]):.3f} s  diffusers 2 passes "
+                  f"{tr:.3f} s  ratio {tr / min(times[lay]):.2f}x")
 
         # GQA at the attention call: repeat K/V heads vs enable_gqa (case C shapes: B=2, 8 query /
         # 2 KV heads, 45 + 1024 tokens), with the key-padding mask and without one.
@@ -221,9 +243,11 @@ def main() -> None:
             print(f"    {k[:44]:44s} ours {best('ours', k):8.1f}   diffusers {best('diffusers', k):8.1f}")
 
     print("[memory] extra peak RSS during one forward (fresh process each):")
-    for case in ("A", "B"):
-        mo, mr = memory("ours" + case), memory("ref" + case)
-        print(f"    [{case}] ours {mo:7.1f} MiB   diffusers {mr:7.1f} MiB")
+    for case, ours_variants in (("A", ("oursA",)), ("B", ("oursB-official", "oursB-compact"))):
+        mr = memory("ref" + case)
+        for variant in ours_variants:
+            layout = variant.partition("-")[2] or "compact"
+            print(f"    [{case}] ours ({layout}) {memory(variant):7.1f} MiB   diffusers {mr:7.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ Reported: wall time of the load and of load + touch, peak RSS (VmHWM) / file siz
 ((VmHWM - RSS before the load) / file size). The file is in the page cache for every variant
 (it was just written), so times compare memory copies, not the disk.
 
+Token layout: none (loading only; no forward), so ``model.layout`` does not apply.
+
     python bench/bench_dit_load.py [--keep]      # --keep leaves the file in $TMPDIR
 """
 

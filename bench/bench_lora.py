@@ -1,7 +1,13 @@
 """Benchmark: runtime LoRA adapters vs merged weights on a mid-size Krea 2 transformer.
 
-Config ``bench-1024`` (width 1024, 4 blocks, 8 heads / 2 KV heads, text width 1024): it has
-4 x 8 + 33 + 7 = 72 Linears (the full model has 264). A rank-32 LoRA on every one of them.
+Config ``bench-1024`` (``bench/dit_sizes.py``: width 1024, 4 blocks, 8 heads / 2 KV heads, text
+width 1024): it has 4 x 8 + 33 + 7 = 72 Linears (the full model has 264). A rank-32 LoRA on every
+one of them.
+
+Layout: the compact one (``--text`` valid text tokens, no padding, no sequence padding). The
+official layout (the Krea 2 default) adds masked text padding and pads the sequence to a
+multiple of 256: every Linear sees more rows, adapter and weight matmuls alike, so the
+runtime/merged ratio should be similar (not measured here).
 
 Reports, in one process on the same weights and inputs:
 * forward time without adapters, with runtime adapters (hooks, low-rank factors), and with the
@@ -30,7 +36,9 @@ def _sync(device: str) -> None:
 def main(argv=None) -> int:
     from krea2kit.adapters.formats import native_to_diffusers, parse_lora_state_dict
     from krea2kit.adapters.runtime import attach_adapters, merge_into
-    from krea2kit.models.dit import PRESETS, SingleStreamDiT
+    from dit_sizes import dit_size
+
+    from krea2kit.models.dit import SingleStreamDiT
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=256, help="image tokens (a square grid)")
@@ -44,7 +52,7 @@ def main(argv=None) -> int:
     dev = args.device
 
     torch.manual_seed(0)
-    cfg = PRESETS["bench-1024"]
+    cfg = dit_size("bench-1024")
     dit = SingleStreamDiT(cfg)
     with torch.no_grad():
         for p in dit.parameters():
@@ -92,7 +100,7 @@ def main(argv=None) -> int:
 
     print(f"config bench-1024: width {cfg.features}, {cfg.layers} blocks, {len(lin)} Linears adapted "
           f"(full Krea 2: 264), rank {args.rank}; {side * side} image + {args.text} text tokens per forward "
-          f"(text fusion excluded: once per image); {dev}, {args.dtype}, torch threads {torch.get_num_threads()}")
+          f"(compact layout; text fusion excluded: once per image); {dev}, {args.dtype}, torch threads {torch.get_num_threads()}")
     variants = {"base": fwd(dit), "runtime": fwd(rt_model), "merged": fwd(mg_model)}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():

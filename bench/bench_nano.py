@@ -12,6 +12,9 @@ Prints, on this machine's CPU:
   calls through the same denoiser, VAE decode; no filters, no writer, no bookkeeping), and the
   ratio pipeline / bare, which is the price of everything the pipeline adds;
 * peak RSS of the benchmark process.
+
+Token layout: the preset's own (``compact`` for both nano presets, as ``krea2kit run`` uses it);
+the bare peer runs the same layout.
 """
 
 from __future__ import annotations
@@ -82,8 +85,10 @@ def bare(session, preset: str, images: int) -> float:
     with torch.inference_mode():
         for i in range(images):
             cond = te.encode([PROMPT])
-            denoise = dit.make_denoiser(cond, None, guidance=0.0, height=64, width=64, layout=plan.recipe.model.layout)
-            x = sampling.initial_noise(i, 64, 64, channels=16, factor=8, device="cpu", dtype=torch.float32)
+            f = vae.contract.factor  # the layout arrived at load, through the context
+            denoise = dit.make_denoiser(cond, None, guidance=0.0, latent_size=(64 // f, 64 // f))
+            x = sampling.initial_noise(i, 64, 64, channels=vae.contract.channels, factor=f, device="cpu",
+                                       dtype=torch.float32)
             vae.decode(sampling.euler(denoise, x, sigmas))
     return (time.perf_counter() - t0) / images
 

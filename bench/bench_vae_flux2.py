@@ -15,6 +15,8 @@ Full-size official config (84 M parameters) with random weights shared by both m
 Usage: ``python bench/bench_vae_flux2.py [--sizes 512,1024] [--repeats 1] [--threads N]``
 (the default, 512^2, is four 512^2 decodes: about 2-3 minutes on 2 idle cores, up to
 ~6 on a busy shared machine; 1024^2 costs four times as much per decode).
+
+Token layout: none (no text tokens run here), so ``model.layout`` (official/compact) does not apply.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ The activation-memory table runs both models on the meta device under a dispatch
 that tracks live storages (exact bookkeeping of every tensor the ops allocate, no
 compute), so it covers sizes too slow to run here: untiled 1024^2/2048^2 and the tiled
 2048^2 decode. Real RSS is higher than that count by allocator slack and weights.
+
+Token layout: none (no text tokens run here), so ``model.layout`` (official/compact) does not apply.
 """
 
 from __future__ import annotations

@@ -5,12 +5,16 @@ diffusers' ``Krea2Transformer2DModel`` is given views of the same tensors (no se
 size (default 1024^2 and 2048^2), 8 Euler steps at the Turbo schedule (mu = 1.15, guidance 0), with
 the text as the official encoder hands it over (512 positions, a 40-token prompt + 5 suffix tokens):
 
-  krea2kit   Krea2Denoiser: padding dropped (45 text tokens), text features and RoPE once per run
-  diffusers  Krea2Transformer2DModel.forward as its pipeline calls it (512 text tokens + mask)
+  krea2kit official  Krea2Denoiser(layout="official"), the Krea 2 presets' layout: 512 text positions
+                     (padding masked), sequence padded to a multiple of 256 like the reference
+  krea2kit compact   Krea2Denoiser(layout="compact"): padding dropped (45 text tokens)
+                     (both: text features and RoPE once per run)
+  diffusers          Krea2Transformer2DModel.forward as its pipeline calls it (512 text tokens + mask)
 
 Prints seconds per 8-step image, the ratio, peak GPU memory above the weights, achieved TFLOP/s
-(dense matmul FLOPs of the real token count) and the max difference of the final latents.
-Skips cleanly (exit 0) without CUDA. A CPU smoke run: ``--device cpu --preset tiny --sizes 64``.
+(dense matmul FLOPs of the tokens each one runs) and the max difference of the final latents.
+Skips cleanly (exit 0) without CUDA. A CPU smoke run: ``--device cpu --preset smoke --sizes 64``
+(sizes: the package's presets and bench/dit_sizes.py).
 
     python bench/gpu_dit.py [--sizes 1024 2048] [--steps 8] [--guidance 0] [--no-diffusers]
 """
@@ -35,9 +39,11 @@ def turbo_sigmas(steps: int, mu: float = TURBO_MU) -> list[float]:
 
 
 def random_model(preset: str, device: str):
-    from krea2kit.models.dit import PRESETS, build_meta
+    from dit_sizes import dit_size
 
-    model = build_meta(PRESETS[preset]).to_empty(device=device)
+    from krea2kit.models.dit import build_meta
+
+    model = build_meta(dit_size(preset)).to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -80,11 +86,11 @@ def main() -> int:
     ap.add_argument("--no-diffusers", action="store_true")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("gpu_dit: CUDA is not available, skipping (use --device cpu --preset tiny for a smoke run)")
+        print("gpu_dit: CUDA is not available, skipping (use --device cpu --preset smoke for a smoke run)")
         return 0
 
-    from krea2kit.denoiser import Krea2Denoiser
-    from krea2kit.models.dit import image_positions, patchify, unpatchify
+    from krea2kit.denoiser import OFFICIAL_PAD_TO, Krea2Denoiser
+    from krea2kit.models.dit import image_positions, padding_for, patchify, unpatchify
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -116,9 +122,10 @@ def main() -> int:
         gh, gw = lh // cfg.patch, lw // cfg.patch
         noise = torch.randn(1, cfg.channels, lh, lw, generator=g, device=dev, dtype=torch.bfloat16)
 
-        def ours_run():
+        def ours_run(layout):
             den = Krea2Denoiser(model, txt, mask, uncond_txt=untxt if cfg_on else None,
-                                uncond_mask=unmask if cfg_on else None, guidance=args.guidance, latent_hw=(lh, lw))
+                                uncond_mask=unmask if cfg_on else None, guidance=args.guidance, latent_hw=(lh, lw),
+                                layout=layout)
             x = noise.clone()
             for s, s_next in zip(sigmas[:-1], sigmas[1:]):
                 x = x + (s_next - s) * den(x, s)  # official Euler update, in the model dtype
@@ -139,7 +146,9 @@ def main() -> int:
 
         row = {}
         outs = {}
-        for name, fn in (("krea2kit", ours_run), ("diffusers", ref_run)):
+        runs = (("official", lambda: ours_run("official")), ("compact", lambda: ours_run("compact")),
+                ("diffusers", ref_run))
+        for name, fn in runs:
             if name == "diffusers" and ref is None:
                 continue
             fn()  # warm-up (kernels, allocator)
@@ -151,14 +160,18 @@ def main() -> int:
             sync()
             row[name] = time.perf_counter() - t0
             peak = (torch.cuda.max_memory_allocated(dev) - weights) / 2**30 if cuda else float("nan")
-            txt_tokens = PROMPT + SUFFIX if name == "krea2kit" else PADDED
+            txt_tokens = PROMPT + SUFFIX if name == "compact" else PADDED
+            if name == "official":
+                txt_tokens += padding_for(PADDED + gh * gw, OFFICIAL_PAD_TO)
             tflop = matmul_tflop(cfg, gh * gw, txt_tokens, args.steps) * (2 if cfg_on else 1)
-            print(f"  {size}^2 {name:9s} {row[name]:7.2f} s/image  peak activations {peak:6.2f} GiB  "
+            label = name if name == "diffusers" else f"krea2kit {name}"
+            print(f"  {size}^2 {label:17s} {row[name]:7.2f} s/image  peak activations {peak:6.2f} GiB  "
                   f"{tflop / row[name]:7.1f} TFLOP/s ({tflop:.0f} TFLOP)")
-        if len(row) == 2:
-            diff = (outs["krea2kit"].float() - outs["diffusers"].float()).abs().max().item()
-            print(f"  {size}^2 ratio diffusers/krea2kit {row['diffusers'] / row['krea2kit']:.2f}x, "
-                  f"max |latent diff| {diff:.3g} (bf16)")
+        if "diffusers" in row:
+            for layout in ("official", "compact"):
+                diff = (outs[layout].float() - outs["diffusers"].float()).abs().max().item()
+                print(f"  {size}^2 ratio diffusers/krea2kit {layout} {row['diffusers'] / row[layout]:.2f}x, "
+                      f"max |latent diff| {diff:.3g} (bf16)")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Images are rendered by ``krea2kit run`` in a subprocess from recipes written here, read back
 from the PNG files and scored by the programmatic scorer against their captions. Captions are
-the first held-out captions of :func:`krea2kit.nano.evaluate.heldout_captions` (every one names
+the first held-out captions of :func:`nanodev.evaluate.heldout_captions` (every one names
 a colour-shape pair the models never saw in training).
 
 Thresholds come from the measurements in ``src/krea2kit/nano/weights/MODEL_CARD.md`` (CPU, fp32): they sit a few points under what the shipped weights score on exactly these images,
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from krea2kit.nano import scorer
-from krea2kit.nano.evaluate import heldout_captions, recipe_text
+from nanodev import scorer
+from nanodev.evaluate import heldout_captions, recipe_text
 
 pytestmark = pytest.mark.slow
 

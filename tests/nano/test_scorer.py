@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from krea2kit.nano import scorer
-from krea2kit.nano.scorer import ObjectSpec, Spec, parse_caption, score
-from krea2kit.nano.world import COLOURS, SHAPES, Scene, SceneObject, dataset, render
+from nanodev import scorer
+from nanodev.scorer import ObjectSpec, Spec, parse_caption, score
+from nanodev.world import COLOURS, SHAPES, Scene, SceneObject, dataset, render
 
 
 @pytest.mark.parametrize("split", ["train", "heldout"])
@@ -119,9 +119,14 @@ def test_huge_blobs_are_not_objects():
 def test_modules_do_not_import_torch():
     import subprocess
     import sys
-    code = "import sys, krea2kit.nano.world, krea2kit.nano.scorer; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip() == "False"
+    from pathlib import Path
+
+    import nanodev
+
+    code = "import sys, nanodev.world, nanodev.scorer; print('torch' in sys.modules)"
+    # `python -c` imports from its working directory: the folder that holds nanodev.
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(nanodev.__file__).parents[1]).stdout.strip() == "False"
 
 
 def test_score_accepts_arrays_and_other_sizes():

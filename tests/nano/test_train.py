@@ -1,4 +1,4 @@
-"""Fast checks of the nano training code (src/krea2kit/nano/train.py): a handful of steps each.
+"""Fast checks of the nano training code (nano-train/nanodev/train.py): a handful of steps each.
 
 One module fixture runs the whole CLI (``all``: vae -> text encoder -> raw -> turbo) for 2 steps
 per stage at tiny batch sizes; the other tests reuse its exported weights.
@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from krea2kit.nano import train as T
-
-pytest.importorskip("krea2kit.nano.world")
+from nanodev import train as T
 
 TINY = ["--steps", "2", "--batch", "2", "--pool", "8", "--teacher-substeps", "2", "--ckpt-every", "1",
         "--log-every", "1", "--eval-every", "1", "--eval-images", "4", "--stats-images", "8", "--threads", "1"]
@@ -52,7 +50,7 @@ def _assert_learns(losses: list[float], factor: float) -> None:
 
 def test_vae_training_forward_equals_inference_forward():
     from krea2kit.models.vae_qwen import QwenImageVAE
-    from krea2kit.nano import configs
+    from nanodev import configs
 
     vae = T.new_nano_vae(3)
     ref = QwenImageVAE(configs.vae_config())
@@ -116,7 +114,7 @@ def test_exports_load_through_the_normal_loaders(run_dir):
     from krea2kit.denoiser import Krea2Denoiser
     from krea2kit.models.dit_loader import load_dit
     from krea2kit.models.vae_qwen import load_qwen_vae
-    from krea2kit.nano import configs
+    from nanodev import configs
     from krea2kit.sampling import euler, flow_sigmas
 
     w = run_dir / "weights"
@@ -162,8 +160,8 @@ def test_raw_stage_trains_the_text_tower_and_exports_it(run_dir, tmp_path):
 def test_evaluate_turns_a_raw_checkpoint_into_loadable_parts(run_dir, tmp_path):
     from krea2kit.conditioning import load_text_encoder
     from krea2kit.models.dit_loader import load_dit
-    from krea2kit.nano import configs
-    from krea2kit.nano.evaluate import export_checkpoint
+    from nanodev import configs
+    from nanodev.evaluate import export_checkpoint
 
     parts = export_checkpoint(T.list_checkpoints(run_dir / "raw")[-1], run_dir / "weights", tmp_path / "x")
     dit = load_dit(parts["dit"], dtype=torch.float32)

@@ -9,8 +9,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from krea2kit.nano import world
-from krea2kit.nano.world import (BACKGROUNDS, COLOURS, HELDOUT_PAIRS, SHAPES, Scene, SceneObject, caption,
+from nanodev import world
+from nanodev.world import (BACKGROUNDS, COLOURS, HELDOUT_PAIRS, SHAPES, Scene, SceneObject, caption,
                                  dataset, render, sample_scene)
 
 

@@ -1,13 +1,13 @@
 """Prompt adherence of nano models, measured through the real pipeline.
 
-    python -m krea2kit.nano.evaluate --preset krea2-nano-turbo [-n 64] [--steps 4] [--json]
-    python -m krea2kit.nano.evaluate --preset krea2-nano-raw --weights DIR   # a training run's weights/
-    python -m krea2kit.nano.evaluate curve RUN_DIR/raw --weights DIR --until 5000  # learning curve
+    PYTHONPATH=nano-train python -m nanodev.evaluate --preset krea2-nano-turbo [-n 64] [--steps 4] [--json]
+    PYTHONPATH=nano-train python -m nanodev.evaluate --preset krea2-nano-raw --weights DIR   # a training run's weights/
+    PYTHONPATH=nano-train python -m nanodev.evaluate curve RUN_DIR/raw --weights DIR --until 5000  # learning curve
 
 Held-out captions (``world`` split ``"heldout"``: every scene holds at least one colour-shape
 pair never seen in training) are rendered by :class:`krea2kit.api.Session` exactly as
 ``krea2kit run`` renders them (text encoder, sampler, VAE, filters, PNG writer), read back from
-the written files and scored against their captions by :func:`krea2kit.nano.scorer.score`.
+the written files and scored against their captions by :func:`nanodev.scorer.score`.
 Image ``i`` uses noise seed ``seed + i``; the captions come from world seed
 :data:`EVAL_WORLD_SEED`, which is not the training seed (the held-out split is disjoint anyway).
 """
@@ -29,7 +29,7 @@ DEFAULT_COUNT = 64
 
 def heldout_captions(n: int, world_seed: int = EVAL_WORLD_SEED) -> list[str]:
     """The first ``n`` held-out captions (deterministic; no rendering)."""
-    from krea2kit.nano import world
+    from nanodev import world
 
     out = []
     for i in range(n):
@@ -75,7 +75,7 @@ def evaluate(*, preset: str, n: int = DEFAULT_COUNT, seed: int = 0, weights: Pat
     from PIL import Image
 
     from krea2kit.api import Session
-    from krea2kit.nano import scorer
+    from nanodev import scorer
 
     captions = heldout_captions(n)
     session = session or Session()
@@ -113,7 +113,7 @@ def export_checkpoint(ckpt: Path, weights: Path, folder: Path) -> dict[str, Path
     the text tower was trained with it, ``{"text_encoder": folder}`` (tokenizer from ``weights``)."""
     from safetensors.torch import load_file, save_file
 
-    from krea2kit.nano.train import split_dit_with_text
+    from nanodev.train import split_dit_with_text
 
     folder.mkdir(parents=True, exist_ok=True)
     dit, tower = split_dit_with_text(load_file(str(ckpt / "ema.safetensors")))
@@ -131,7 +131,7 @@ def curve(run_dir: Path, *, weights: Path, preset: str, until: int | None = None
           out: Path | None = None, poll: float = 30.0, log=print) -> list[dict]:
     """Score the EMA weights of every checkpoint in ``run_dir`` (waiting for new ones while
     training runs, up to step ``until``); one JSON line per checkpoint in ``out``."""
-    from krea2kit.nano.train import checkpoint_step, list_checkpoints
+    from nanodev.train import checkpoint_step, list_checkpoints
 
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "curve.jsonl"
@@ -166,7 +166,7 @@ def curve(run_dir: Path, *, weights: Path, preset: str, until: int | None = None
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "curve":
-        ap = argparse.ArgumentParser(prog="python -m krea2kit.nano.evaluate curve")
+        ap = argparse.ArgumentParser(prog="python -m nanodev.evaluate curve")
         ap.add_argument("run_dir", type=Path)
         ap.add_argument("--weights", type=Path, required=True, help="the run's weights/ (text encoder, VAE)")
         ap.add_argument("--preset", default="krea2-nano-raw")
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         curve(args.run_dir, weights=args.weights, preset=args.preset, until=args.until, n=args.n, out=args.out,
               log=lambda m: print(m, flush=True))
         return 0
-    ap = argparse.ArgumentParser(prog="python -m krea2kit.nano.evaluate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m nanodev.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="krea2-nano-turbo")
     ap.add_argument("--weights", type=Path, help="a training run's weights/ folder (default: the shipped ones)")
     ap.add_argument("--dit", type=Path, help="transformer weights file (overrides --weights for the DiT)")

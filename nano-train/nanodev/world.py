@@ -1,7 +1,7 @@
 """The nano synthetic world: a deterministic generator of 64x64 scenes and their captions.
 
 The nano models (f8 VAE -> 8x8x16 latents -> 16 image tokens) are trained and evaluated on this
-world; :mod:`krea2kit.nano.scorer` reads generated images back and checks them against a scene
+world; :mod:`nanodev.scorer` reads generated images back and checks them against a scene
 or a caption. Only numpy and Pillow are used (no torch at import).
 
 Vocabulary
@@ -42,7 +42,7 @@ Per caption the generator decides whether it names sizes (p=0.5), places (p=0.8)
 background (p=0.6); objects that share shape+colour (and size when sizes are named) are grouped
 with a count word. Examples: ``"a red circle on the left and a blue square on the right, gray
 background"``, ``"two green triangles"``, ``"a small yellow cross at the top"``.
-:func:`krea2kit.nano.scorer.parse_caption` reads this grammar (and looser user text) back.
+:func:`nanodev.scorer.parse_caption` reads this grammar (and looser user text) back.
 
 Held-out rule
 -------------

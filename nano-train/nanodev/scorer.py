@@ -1,7 +1,7 @@
-"""Programmatic prompt-adherence scorer for the nano world (:mod:`krea2kit.nano.world`).
+"""Programmatic prompt-adherence scorer for the nano world (:mod:`nanodev.world`).
 
 ``score(image, target)`` reads an image (any size; it is box-resized to 64x64) and checks it
-against a :class:`~krea2kit.nano.world.Scene`, a :class:`Spec` or a caption string. numpy only.
+against a :class:`~nanodev.world.Scene`, a :class:`Spec` or a caption string. numpy only.
 
 How an image is read
 --------------------
@@ -62,7 +62,7 @@ from typing import Iterable, Union
 import numpy as np
 from PIL import Image
 
-from krea2kit.nano.world import BACKGROUNDS, COLOURS, REFERENCE_SIZE, SHAPES, Scene
+from nanodev.world import BACKGROUNDS, COLOURS, REFERENCE_SIZE, SHAPES, Scene
 
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background; palette-background gaps are >= 101
 MIN_AREA = 12               # pixels; the smallest world object (a 10 px triangle) covers ~50

@@ -1,6 +1,6 @@
-"""Train the nano models on the synthetic world (:mod:`krea2kit.nano.world`), on CPU.
+"""Train the nano models on the synthetic world (:mod:`nanodev.world`), on CPU.
 
-    python -m krea2kit.nano.train {vae,raw,turbo,all} --out DIR [--steps N] [--resume]
+    PYTHONPATH=nano-train python -m nanodev.train {vae,raw,turbo,all} --out DIR [--steps N] [--resume]
 
 Stages (each one resumable, deterministic from ``--seed``):
 
@@ -18,7 +18,7 @@ Stages (each one resumable, deterministic from ``--seed``):
   has no positions, so which colour and place belong to which shape must come from the
   encoder's context mixing, and a random causal tower mixes its context almost uniformly.
   Trained with the DiT (``--train-text``, the default) it reached 0.64, with position 0.65 ->
-  0.90 and colour 0.50 -> 0.69 (nano/weights/MODEL_CARD.md).
+  0.90 and colour 0.50 -> 0.69 (src/krea2kit/nano/weights/MODEL_CARD.md).
 * ``raw``: ``SingleStreamDiT(configs.dit_config())`` (and the text tower, one optimizer and
   EMA over both: :class:`DiTWithText`) with flow matching in the official
   convention (``x_t = t * noise + (1 - t) * x0``, target ``v = noise - x0``). ``t`` is
@@ -146,7 +146,7 @@ def step_rngs(seed: int, stage: str, step: int) -> tuple[torch.Generator, np.ran
 # World access
 
 def _world():
-    from krea2kit.nano import world
+    from nanodev import world
 
     return world
 
@@ -442,7 +442,7 @@ def make_vae_trainable(vae):
 
 def new_nano_vae(seed: int):
     from krea2kit.models.vae_qwen import QwenImageVAE
-    from krea2kit.nano import configs
+    from nanodev import configs
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -527,7 +527,7 @@ def export_vae(state: dict[str, torch.Tensor], latents_mean: Sequence[float], la
     """The diffusers layout: ``model.safetensors`` (AutoencoderKLQwenImage keys) + ``config.json``
     carrying the measured latent statistics (the loader reads them from there)."""
     from krea2kit.models.weights import save_safetensors_atomic
-    from krea2kit.nano import configs
+    from nanodev import configs
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -553,7 +553,7 @@ def export_text_encoder(folder: Path, seed: int) -> Path:
     from krea2kit.models.text_encoder import Qwen3TextTower
     from krea2kit.models.tokenizer import DEFAULT_TINY_CORPUS, build_tiny_tokenizer
     from krea2kit.models.weights import save_safetensors_atomic
-    from krea2kit.nano import configs
+    from nanodev import configs
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -582,7 +582,7 @@ def export_text_tower(state: dict[str, torch.Tensor], folder: Path, *, seed: int
 
 def load_nano_text_encoder(folder: Path):
     from krea2kit.conditioning import load_text_encoder
-    from krea2kit.nano import configs
+    from nanodev import configs
 
     te = load_text_encoder(folder, taps=configs.NANO_TAPS, dtype=torch.float32)
     # Real tokens only: equal to the official padded layout to ~1e-6 in fp32, ~10x less work.
@@ -680,7 +680,7 @@ def split_dit_with_text(state: dict[str, torch.Tensor]) -> tuple[dict, dict | No
 
 def new_nano_dit(seed: int, size: str = "m"):
     from krea2kit.models.dit import SingleStreamDiT
-    from krea2kit.nano import configs
+    from nanodev import configs
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -872,7 +872,7 @@ RUNNERS = {"vae": run_vae, "raw": run_raw, "turbo": run_turbo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m krea2kit.nano.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m nanodev.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("stage", choices=(*STAGES, "all"))
     ap.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, logs, weights/)")
     ap.add_argument("--steps", type=int, help="total optimizer steps of each stage run (default: per stage)")
@@ -885,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int)
     ap.add_argument("--pool", type=int, help="raw/turbo: pre-encoded training latents")
     ap.add_argument("--teacher-substeps", type=int)
-    ap.add_argument("--dit-size", choices=("s", "m"), help="raw: transformer size (krea2kit.nano.configs.DIT_SIZES)")
+    ap.add_argument("--dit-size", choices=("s", "m"), help="raw: transformer size (nanodev.configs.DIT_SIZES)")
     ap.add_argument("--train-text", action=argparse.BooleanOptionalAction, default=None,
                     help="raw: train the text tower with the transformer")
     ap.add_argument("--eval-images", type=int, help="vae: held-out scenes for the PSNR")
