@@ -14,15 +14,16 @@ import torch
 
 from krea2kit.conditioning import Krea2TextEncoder, PromptEmbeddingCache, weights_identity
 from krea2kit.errors import Krea2kitError
-from krea2kit.models.text_encoder import PRESETS, Qwen3TextConfig, Qwen3TextTower
+from krea2kit.models.text_encoder import Qwen3TextConfig, Qwen3TextTower
 from krea2kit.models.tokenizer import PromptTruncatedWarning, QwenTokenizer, build_tiny_tokenizer
+from support.presets import TINY_TEXT
 
 TAPS = (1, 2, 4)  # 4 of 6 layers, no final norm
 
 
 def random_tower(seed: int, vocab: int) -> Qwen3TextTower:
-    cfg = Qwen3TextConfig(**{**PRESETS["tiny"].to_dict(), "vocab_size": vocab,
-                             "mrope_section": tuple(PRESETS["tiny"].mrope_section)})
+    cfg = Qwen3TextConfig(**{**TINY_TEXT.to_dict(), "vocab_size": vocab,
+                             "mrope_section": tuple(TINY_TEXT.mrope_section)})
     tower = Qwen3TextTower.for_taps(cfg, TAPS)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

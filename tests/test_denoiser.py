@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from krea2kit.denoiser import Krea2Denoiser, krea_guidance
-from krea2kit.models.dit import PRESETS, SingleStreamDiT, TextFeatures, patchify, unpatchify
+from krea2kit.models.dit import SingleStreamDiT, TextFeatures, patchify, unpatchify
+from support.presets import TINY_DIT
 
 
 def _model(seed=0) -> SingleStreamDiT:
     g = torch.Generator().manual_seed(seed)
-    m = SingleStreamDiT(PRESETS["tiny"]).eval().requires_grad_(False)
+    m = SingleStreamDiT(TINY_DIT).eval().requires_grad_(False)
     with torch.no_grad():
         for name, p in m.named_parameters():
             scale = 0.3 if (p.ndim == 1 or name.endswith("modulation.lin")) else p.shape[-1] ** -0.5

@@ -35,9 +35,14 @@ def test_example_plugin_listed_and_used_through_the_cli(cli, installed, tmp_path
     env = {"PYTHONPATH": os.pathsep.join([str(installed), os.environ.get("PYTHONPATH", "")])}
     listing = cli("plugins", "--json", env=env)
     assert listing.code == 0, listing.stderr
-    example = next(p for p in json.loads(listing.stdout) if p["name"] == "krea2kit-example")
+    example = next(p for p in json.loads(listing.stdout)["plugins"] if p["name"] == "krea2kit-example")
     assert example["distribution"] == "krea2kit-example" and example["version"] == "0.1.0"
     assert example["registers"] == {"options": ["krea2kit-example"], "writer": ["png-caption"]}
+    assert example["contract"] == 2
+    check = cli("plugins", "--check", "--json", env=env)
+    assert check.code == 0, check.stdout + check.stderr
+    parts = {(p["plugin"], p["name"]): p["status"] for p in json.loads(check.stdout)["parts"]}
+    assert parts[("krea2kit-example", "png-caption")] == "ok"
     (tmp_path / "r.toml").write_text(
         'prompt = "a red circle"\nwidth = 64\nheight = 64\ncount = 2\n[sampler]\nsteps = 2\n'
         '[output]\nformat = "png-caption"\ndir = "data"\n'

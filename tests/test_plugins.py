@@ -16,7 +16,7 @@ GOOD = """
 from krea2kit.hookspecs import hookimpl
 from krea2kit.registry import SamplerDescriptor
 
-def _load():
+def _load(options, context):
     from krea2kit.sampling import SAMPLERS
     return SAMPLERS["euler"]
 
@@ -35,7 +35,7 @@ from krea2kit.registry import SamplerDescriptor
 
 @hookimpl
 def register_samplers(register):
-    register(SamplerDescriptor(name="euler", summary="another euler", load=lambda: None))
+    register(SamplerDescriptor(name="euler", summary="another euler", load=lambda options, context: None))
 """
 
 TYPO = """
@@ -73,12 +73,23 @@ def with_path(path) -> dict:
     return {"PYTHONPATH": os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")])}
 
 
+def listed(stdout: str) -> list[dict]:
+    """The plugins of a `plugins --json` listing ({"contract": ..., "plugins": [...]})."""
+    return json.loads(stdout)["plugins"]
+
+
 def test_plugins_json_contract_builtins(cli):
     res = cli("plugins", "--json")
     assert res.code == 0, res.stderr
-    data = json.loads(res.stdout)
+    top = json.loads(res.stdout)
+    from krea2kit.contracts import CONTRACT_VERSION
+
+    assert top["contract"]["version"] == CONTRACT_VERSION and top["contract"]["attribute"] == "KREA2KIT_CONTRACT"
+    data = top["plugins"]
     builtin = next(p for p in data if p["name"] == "krea2kit")
-    assert set(builtin) == {"name", "distribution", "version", "module", "builtin", "hooks", "registers", "commands"}
+    assert set(builtin) == {"name", "distribution", "version", "module", "builtin", "hooks", "registers", "commands",
+                            "contract"}
+    assert builtin["contract"] == CONTRACT_VERSION
     assert builtin["builtin"] is True and builtin["distribution"] == "krea2kit"
     regs = builtin["registers"]
     assert {"euler", "heun", "euler_ancestral"} <= set(regs["sampler"])
@@ -92,10 +103,11 @@ def test_third_party_plugin_listed_with_distribution(cli, plugin_dir):
     make_plugin(plugin_dir, "krea2kit-good", "k2good", GOOD, version="1.2.3")
     res = cli("plugins", "--json", env=with_path(plugin_dir))
     assert res.code == 0, res.stderr
-    good = next(p for p in json.loads(res.stdout) if p["name"] == "krea2kit-good")
+    good = next(p for p in listed(res.stdout) if p["name"] == "krea2kit-good")
     assert good["distribution"] == "krea2kit-good" and good["version"] == "1.2.3"
     assert good["builtin"] is False and good["registers"] == {"sampler": ["good-sampler"]}
     text = cli("plugins", env=with_path(plugin_dir))
+    assert good["contract"] is None  # it states none
     assert "krea2kit-good (krea2kit-good 1.2.3)" in text.stdout and "sampler: good-sampler" in text.stdout
 
 
@@ -104,7 +116,7 @@ def test_broken_plugin_is_reported_and_skipped(cli, plugin_dir):
     make_plugin(plugin_dir, "krea2kit-good", "k2good", GOOD)
     res = cli("plugins", "--json", env=with_path(plugin_dir))
     assert res.code == 0
-    names = [p["name"] for p in json.loads(res.stdout)]
+    names = [p["name"] for p in listed(res.stdout)]
     assert "krea2kit-broken" not in names and "krea2kit-good" in names
     assert "krea2kit-broken" in res.stderr and "failed to import" in res.stderr
     assert "not installed" in res.stderr and "Traceback" not in res.stderr
@@ -137,7 +149,7 @@ def test_misspelled_hook_is_caught(cli, plugin_dir):
     make_plugin(plugin_dir, "krea2kit-typo", "k2typo", TYPO)
     res = cli("plugins", "--json", env=with_path(plugin_dir))
     assert res.code == 0
-    assert "krea2kit-typo" not in [p["name"] for p in json.loads(res.stdout)]
+    assert "krea2kit-typo" not in [p["name"] for p in listed(res.stdout)]
     assert "register_sampler" in res.stderr and "unknown hook" in res.stderr
 
 
@@ -146,7 +158,7 @@ def test_plugin_failing_in_a_hook_is_skipped_whole(cli, plugin_dir, source, need
     make_plugin(plugin_dir, "krea2kit-bad", "k2bad", source)
     res = cli("plugins", "--json", env=with_path(plugin_dir))
     assert res.code == 0
-    assert "krea2kit-bad" not in [p["name"] for p in json.loads(res.stdout)]
+    assert "krea2kit-bad" not in [p["name"] for p in listed(res.stdout)]
     assert needle in res.stderr
 
 
@@ -156,9 +168,9 @@ def test_env_var_selects_plugins(cli, plugin_dir):
     env = with_path(plugin_dir)
     only_good = cli("plugins", "--json", env={**env, "KREA2KIT_PLUGINS": "krea2kit-good"})
     assert only_good.code == 0 and "krea2kit-broken" not in only_good.stderr
-    assert "krea2kit-good" in [p["name"] for p in json.loads(only_good.stdout)]
+    assert "krea2kit-good" in [p["name"] for p in listed(only_good.stdout)]
     none = cli("plugins", "--json", env={**env, "KREA2KIT_PLUGINS": ""})
-    assert [p["name"] for p in json.loads(none.stdout)] == ["krea2kit"]
+    assert [p["name"] for p in listed(none.stdout)] == ["krea2kit"]
     missing = cli("plugins", env={**env, "KREA2KIT_PLUGINS": "krea2kit-nope"})
     assert "krea2kit-nope" in missing.stderr and "not installed" in missing.stderr
 
@@ -199,7 +211,7 @@ class TxtLora:
 
 @hookimpl
 def register_lora_formats(register):
-    register(LoraFormatDescriptor(name="toy", summary="toy format", load=lambda: TxtLora()))
+    register(LoraFormatDescriptor(name="toy", summary="toy format", load=lambda options, context: TxtLora()))
 """
 
 
@@ -216,3 +228,50 @@ def test_registered_lora_format_reads_its_files(cli, plugin_dir, tmp_path):
     assert info["layout"] == "toy" and info["modules"] == 1
     without = cli("lora", "inspect", str(tmp_path / "toy.safetensors"))  # the built-in reader refuses it
     assert without.code == 4
+
+
+NEEDS_NEWER = GOOD.replace("good-sampler", "future-sampler") + "\nKREA2KIT_CONTRACT = 99\n"
+STATES_OLD = GOOD.replace("good-sampler", "old-sampler") + "\nKREA2KIT_CONTRACT = 1\n"
+STATES_CURRENT = GOOD.replace("good-sampler", "current-sampler") + "\nKREA2KIT_CONTRACT = '>=2'\n"
+STATES_JUNK = GOOD.replace("good-sampler", "junk-sampler") + "\nKREA2KIT_CONTRACT = 'latest'\n"
+
+
+def test_plugin_contract_version_is_checked_at_load(cli, plugin_dir):
+    make_plugin(plugin_dir, "krea2kit-future", "k2future", NEEDS_NEWER, version="9.0")
+    make_plugin(plugin_dir, "krea2kit-old", "k2old", STATES_OLD)
+    make_plugin(plugin_dir, "krea2kit-current", "k2current", STATES_CURRENT)
+    make_plugin(plugin_dir, "krea2kit-junk", "k2junk", STATES_JUNK)
+    res = cli("plugins", "--json", env=with_path(plugin_dir))
+    assert res.code == 0, res.stderr
+    plugins = {p["name"]: p for p in listed(res.stdout)}
+    assert set(plugins) == {"krea2kit", "krea2kit-current"}
+    assert plugins["krea2kit-current"]["contract"] == 2
+    assert "krea2kit-future" in res.stderr and "needs plugin contract 99" in res.stderr and "upgrade krea2kit" in res.stderr
+    assert "krea2kit-old" in res.stderr and "written for plugin contract 1" in res.stderr
+    assert "krea2kit-junk" in res.stderr and "not a version number" in res.stderr
+    assert "Traceback" not in res.stderr
+    strict = cli("plugins", env={**with_path(plugin_dir), "KREA2KIT_STRICT_PLUGINS": "1"})
+    assert strict.code == 1 and "contract" in strict.stderr
+
+
+OLD_STYLE_SAMPLER = """
+from krea2kit.hookspecs import hookimpl
+from krea2kit.registry import SamplerDescriptor
+
+def _load():   # the contract-1 style: no (options, context)
+    from krea2kit.sampling import euler
+    return euler
+
+@hookimpl
+def register_samplers(register):
+    register(SamplerDescriptor(name="old-style", summary="written before contract 2", load=_load))
+"""
+
+
+def test_a_load_with_the_wrong_signature_is_named_not_a_traceback(cli, plugin_dir, tmp_path):
+    make_plugin(plugin_dir, "krea2kit-oldstyle", "k2oldstyle", OLD_STYLE_SAMPLER)
+    (tmp_path / "r.toml").write_text('prompt = "x"\nwidth = 32\nheight = 32\n[sampler]\nname = "old-style"\nsteps = 1\n')
+    res = cli("run", "r.toml", env=with_path(plugin_dir))
+    assert res.code == 1, res.stderr
+    assert "'old-style'" in res.stderr and "krea2kit-oldstyle" in res.stderr
+    assert "load(options, context)" in res.stderr and "Traceback" not in res.stderr

@@ -4,6 +4,7 @@ torch, so listing plugins and ``--help`` stay fast."""
 
 from __future__ import annotations
 
+from krea2kit.contracts import CONTRACT_VERSION
 from krea2kit.hookspecs import hookimpl
 from krea2kit.models.contract import LatentContract
 from krea2kit.registry import (
@@ -17,6 +18,8 @@ from krea2kit.registry import (
     VAEDescriptor,
     WriterDescriptor,
 )
+
+KREA2KIT_CONTRACT = CONTRACT_VERSION  # built-ins always follow the current plugin contract
 
 # Official defaults (krea-ai/krea-2 README and sampling.py): Turbo 8 steps, g = 0,
 # fixed mu 1.15; Raw 52 steps, g = 3.5, resolution-aware mu. The official inference
@@ -90,26 +93,13 @@ def register_vaes(register):
     ))
 
 
-def _sampler(name: str):
-    def load():
-        from krea2kit import sampling
-
-        return sampling.SAMPLERS[name]
-
-    return load
-
-
 @hookimpl
 def register_samplers(register):
-    register(SamplerDescriptor(
-        name="euler", summary="Euler flow matching, the official Krea 2 sampler",
-        load=_sampler("euler"), options="krea2kit.sampler_options:EulerOptions"))
-    register(SamplerDescriptor(
-        name="heun", summary="Heun's 2nd-order method (Karras et al. 2022), 2 model calls per step",
-        load=_sampler("heun"), options="krea2kit.sampler_options:HeunOptions"))
-    register(SamplerDescriptor(
-        name="euler_ancestral", summary="Stochastic rectified-flow Euler ancestral (eta, s_noise)",
-        load=_sampler("euler_ancestral"), options="krea2kit.sampler_options:AncestralOptions", stochastic=True))
+    from krea2kit.sampler_options import BUILTIN_SAMPLERS
+
+    for row in BUILTIN_SAMPLERS:
+        register(SamplerDescriptor(name=row.name, summary=row.summary, load="krea2kit.sampling:load",
+                                   options=row.options, stochastic=row.stochastic))
 
 
 @hookimpl
@@ -133,17 +123,25 @@ def register_filters(register):
 
 @hookimpl
 def register_lora_formats(register):
-    register(LoraFormatDescriptor(
-        name="krea2kit",
-        summary="diffusers/PEFT, native (ai-toolkit, ComfyUI), kohya/musubi, LyCORIS LoKr/LoHa, DoRA",
-        load="krea2kit.parts.lora_formats:builtin"))
+    # One module per key layout; LyCORIS LoKr/LoHa, DoRA and full deltas read under each.
+    # Asked after every plugin's formats (krea2kit.parts.lora_formats.open_lora).
+    for module, summary in (
+        ("diffusers", "diffusers / PEFT names (official Krea style LoRAs, the diffusers trainer)"),
+        ("native", "native module names (ComfyUI, ai-toolkit, PEFT on the native model)"),
+        ("krea_training", "krea-2 trainer output (bare .lora_A/.lora_B, metadata rank, lora_alpha, lora_scale)"),
+        ("kohya", "kohya / musubi-tuner lora_unet_ names with alpha"),
+        ("lycoris", "SimpleTuner LyCORIS names (lycoris_<diffusers name>), fused q/k/v split"),
+    ):
+        register(LoraFormatDescriptor(name=module.replace("_", "-"), summary=summary,
+                                      load=f"krea2kit.adapters.formats.{module}:load"))
 
 
 @hookimpl
 def register_sliders(register):
     register(SliderDescriptor(
         name="lora", summary="Drive [[loras]] strengths with one value (concept sliders, style dials)",
-        load="krea2kit.parts.sliders:load", options="krea2kit.parts.sliders:LoraSliderOptions"))
+        load="krea2kit.parts.sliders:load", options="krea2kit.parts.sliders:LoraSliderOptions",
+        check_options={"lora": "detail", "range": [-2.0, 2.0]}))
 
 
 @hookimpl

@@ -5,19 +5,24 @@
 the official encoder returns after its prefix strip: per prompt ``[prompt | PAD | suffix]``,
 mask True on prompt and suffix tokens, False on padding; padded slots hold zeros.
 
-**What L is.** The official encoder always returns L = 512 (prompts padded to 507 tokens,
-then the 5 suffix tokens). Here L defaults to the *trimmed* length ``max_i(prompt_i) + 5``
-over the batch, because only real tokens are computed:
+**What the tower runs** (``exact_layout``, set from the recipe's ``model.layout`` by the
+pipeline's text-encoder part):
 
-* with causal attention, a real token only sees earlier tokens, and with positions that
-  count real tokens only (``cumsum(mask) - 1``, what the official code gets from
-  transformers 4.57.1) padding neither shifts nor feeds any real token. So each prompt's
-  real tokens (``prefix + prompt + suffix``) are run unpadded (right-padded in a batch,
-  where the junk comes after every real token and plain causal attention is exact), and
-  their hidden states equal those of the padded-to-512 run (``encode_padded_reference``;
-  proved in ``tests/test_conditioning.py``).
-* the transformer masks padding out, so a shorter L changes nothing but the cost. Pass
-  ``length=512`` to get the official fixed shape (zeros in the padding).
+* ``True`` (the default; the ``official`` layout): the official padded block
+  ``[prefix | prompt | PAD | suffix]`` (546 tokens for max_length 512) with a key-padding
+  mask and valid-token positions, bit-identical to the official encoder in any dtype.
+* ``False`` (the ``compact`` layout, the nano presets'): only each prompt's real tokens
+  (``prefix + prompt + suffix``, right-padded in a batch). With causal attention and
+  positions that count real tokens only (``cumsum(mask) - 1``, what the official code gets
+  from transformers 4.57.1) padding neither shifts nor feeds a real token, so this equals
+  the padded run in exact arithmetic (fp32 to ~1e-6, not bit for bit in bf16; proved in
+  ``tests/test_conditioning.py``) at a fraction of the cost for short prompts.
+
+**What L is.** The official encoder always returns L = 512 (prompts padded to 507 tokens,
+then the 5 suffix tokens). ``encode`` returns the *trimmed* length ``max_i(prompt_i) + 5``
+over the batch unless ``length`` is given; the official layout passes ``length=512`` (zeros
+in the padding). The transformer masks padding out, so L changes the cost and, in bf16, the
+last bits of the result (which is why the official layout keeps all 512 positions).
 
 :class:`PromptEmbeddingCache` stores one entry per prompt (independent of the batch it came
 in) keyed by the encoder weights' identity, the template, taps, max_length and the prompt;

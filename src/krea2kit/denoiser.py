@@ -47,7 +47,8 @@ class Krea2Denoiser:
         required when guidance is on.
     guidance: ``g`` for ``convention="krea"`` (official; CFG iff g > 0), or the standard CFG
         scale ``s`` for ``convention="standard"`` (converted to ``g = s - 1``).
-    latent_hw: (H/8, W/8) latent size, to build the RoPE table now (else on the first call).
+    latent_hw: (H/f, W/f) latent size (f: the VAE's factor), to build the RoPE table now (else
+        on the first call).
     batch_cfg: run cond and uncond as one batch (fast, default) or as two passes (less
         activation memory; same result up to fp32 rounding).
     layout: "official" keeps the padded text positions and pads the sequence to a multiple
@@ -110,7 +111,7 @@ class Krea2Denoiser:
         h, w = latent_hw
         if h % self.patch or w % self.patch:
             raise ValueError(f"latent size {h}x{w} is not a multiple of the patch size {self.patch} "
-                             f"(image sizes must be multiples of {8 * self.patch})")
+                             f"(image sizes must be multiples of the VAE factor x {self.patch})")
         return h // self.patch, w // self.patch
 
     def _rope(self, txt_len: int, gh: int, gw: int) -> Rope:
@@ -134,7 +135,7 @@ class Krea2Denoiser:
 
     # -- the call ---------------------------------------------------------------------
     def __call__(self, x: Tensor, sigma: float | Tensor) -> Tensor:
-        """Velocity (B, C, H/8, W/8) for latents ``x`` (B, C, H/8, W/8) at flow time ``sigma``.
+        """Velocity (B, C, H/f, W/f) for latents ``x`` (B, C, H/f, W/f) at flow time ``sigma``.
 
         Like the official sampler, ``sigma`` is handed to the model in the compute dtype
         (so bf16 models see bf16-rounded times) and the guidance is combined in that dtype;

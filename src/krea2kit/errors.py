@@ -13,7 +13,25 @@ EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_BLOCKED = 3
 EXIT_WEIGHTS = 4
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM: `kill`, a job scheduler, `docker stop`; handled like Ctrl-C
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, what shells report for `yes | head -1`
+
+
+class StdoutClosed(BaseException):
+    """The reader of stdout went away (``krea2kit run ... | head -1``): stop at once, quietly.
+
+    A ``BaseException`` like ``KeyboardInterrupt``: it is a request to stop, not an error,
+    and no ``except Exception`` on the way up (a fail-closed filter wrapper, say) may
+    swallow it. Not an ``OSError`` either, so click does not turn it into exit 1.
+    """
+
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the CLI's handler. A ``KeyboardInterrupt`` so it
+    unwinds exactly like Ctrl-C (temporary files removed, finished images kept); the CLI
+    exits with :data:`EXIT_TERMINATED` instead of :data:`EXIT_INTERRUPTED`."""
 
 
 class Krea2kitError(Exception):
@@ -40,7 +58,9 @@ class Krea2kitError(Exception):
         text = f"{where}{self.message}"
         if self.hint:
             text += f"\n  hint: {self.hint}"
-        return text
+        from krea2kit.env_values import hide  # a path from $VAR is shown as $VAR, never its value
+
+        return hide(text)
 
 
 class UsageError(Krea2kitError):

@@ -17,6 +17,11 @@ A plugin implements any subset of these hooks::
 
 Hook implementations may accept fewer arguments than the spec (pluggy prunes them),
 so new keyword arguments can be added here without breaking old plugins.
+
+What each registered part's ``load`` is called with and must return is the plugin
+contract in :mod:`krea2kit.contracts`: every kind is loaded as ``load(options, context)``.
+Its version (``CONTRACT_VERSION``, shown by ``krea2kit plugins --json``) covers these hooks
+too; a plugin states the version it was written for as ``KREA2KIT_CONTRACT = 2``.
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ Order, first hit wins, per role (``dit``, ``text_encoder``, ``vae``):
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 
+from krea2kit import env_values
 from krea2kit.errors import WeightsError
 from krea2kit.registry import ModelDescriptor
 from krea2kit.settings import Settings
@@ -26,10 +26,12 @@ HF_SUBFOLDERS = {"dit": "transformer", "text_encoder": "text_encoder", "vae": "v
 
 
 def hf_cache_root() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    hub = env_values.from_env("HF_HUB_CACHE")
+    if hub:
+        return Path(hub).expanduser()
+    home = env_values.from_env("HF_HOME")
+    if home:
+        return Path(home).expanduser() / "hub"
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
@@ -60,8 +62,9 @@ def locate_weights(model: ModelDescriptor, role: str, requested: str | None, set
     if requested:
         return str(Path(requested).expanduser()), "recipe"
     env = (model.weights_env or {}).get(role)
-    if env and os.environ.get(env):
-        return os.environ[env], f"${env}"
+    from_env = env_values.from_env(env) if env else None  # remembered: messages show $VAR, not the path
+    if from_env:
+        return from_env, f"${env}"
     configured = settings.weights.get(model.name)
     if configured is not None and getattr(configured, role):
         return str(Path(getattr(configured, role)).expanduser()), f"config {settings.path}"

@@ -8,15 +8,10 @@ Parts are resolved by name from the plugin registry and loaded once per
 :class:`Pipeline` (one per process in the CLI), then reused for every image.
 Progress and warnings leave through an ``events`` callback; the pipeline never prints.
 
-Part protocols (what a plugin's ``load`` returns) are documented in CONTRIBUTING.md:
-
-* text encoder: ``encode(texts) -> (hidden, mask)``, ``identity``
-* transformer: ``make_denoiser(cond, uncond, *, guidance, height, width) -> denoise(x, sigma)``,
-  ``module`` (the ``nn.Module``, for adapters), ``identity``
-* VAE: ``decode(latents) -> images in [-1, 1]``, ``encode(images)``, ``contract``
-* sampler: ``sampler(denoise, x, sigmas, *, generator=None, callback=None, **options)``
-* filter: ``check_prompt(text)`` or ``check_image(image)`` -> Verdict
-* writer: ``write(image, path, metadata) -> Path``, ``extension``
+Every part is loaded as ``load(options, context)`` and satisfies the protocol of its kind
+in :mod:`krea2kit.contracts` (the one reference; CONTRIBUTING.md is checked against it).
+The pipeline asks the parts for the numbers it needs (latent channels and factor from the
+VAE's contract, patch size from the transformer) instead of assuming Krea 2's.
 """
 
 from __future__ import annotations
@@ -30,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from krea2kit.errors import UsageError
+from krea2kit.contracts import LoadContext, missing_members, protocol_for, size_multiple
+from krea2kit.errors import PluginError, UsageError
 from krea2kit.locate import locate_weights
 from krea2kit.recipe.plan import Job, Plan
 from krea2kit.settings import Settings
@@ -109,26 +105,61 @@ class Pipeline:
 
     # -- parts -------------------------------------------------------------
     def part(self, plan: Plan, role: str, *, device: str, dtype: str, events: Events) -> Any:
+        """The loaded model part of ``role`` ("dit", "text_encoder", "vae"), loaded once per
+        distinct load context and checked against its protocol."""
         descriptor = plan.parts[role]
         location, how = locate_weights(plan.model, role, plan.weights.get(role), self.settings)
-        config = getattr(plan.model, f"{role}_config", "")
-        key = (role, descriptor.plugin, descriptor.name, location, config, device, dtype)
+        context = LoadContext(
+            role=role, name=descriptor.name, location=str(location), config=getattr(plan.model, f"{role}_config", ""),
+            device=device, dtype=dtype, layout=plan.recipe.model.layout or "official",
+            vae_tile_threshold=plan.recipe.model.vae_tile_threshold, settings=self.settings,
+            plugin_options=plan.plugin_options.get(descriptor.plugin),
+        )
+        key = (descriptor.plugin, descriptor.name, context)
         if key not in self._parts:
             events("load", role=role, name=descriptor.name, location=location, found_by=how)
             start = time.perf_counter()
-            self._parts[key] = descriptor.load_part(
-                location, config=config, dtype=dtype, device=device, options=plan.plugin_options.get(descriptor.plugin),
-                settings=self.settings,
-            )
+            self._parts[key] = require_protocol(descriptor, descriptor.load_part(None, context))
             events("loaded", role=role, name=descriptor.name, seconds=time.perf_counter() - start)
         self.identities[role] = {
             "name": descriptor.name, "plugin": descriptor.plugin, "weights": location,
-            "identity": getattr(self._parts[key], "identity", None),
+            "identity": self._parts[key].identity,  # every model part declares one (contracts)
         }
         return self._parts[key]
 
+    def small_part(self, plan: Plan, role: str, options: Any) -> Any:
+        """A part without weights (sampler, writer), loaded through the same convention."""
+        descriptor = plan.parts[role]
+        context = LoadContext(role=role, name=descriptor.name, settings=self.settings,
+                              plugin_options=plan.plugin_options.get(descriptor.plugin))
+        return require_protocol(descriptor, descriptor.load_part(options, context))
+
+    _ROLE_NAMES = {"dit": "transformer", "vae": "VAE", "text_encoder": "text encoder"}
+
+    def require_finite(self, plan: Plan, x: Any, role: str, what: str) -> None:
+        """Stop the run when a part's output holds NaN or inf (NaN weights used to give an
+        all-black image and exit 0). One reduction per tensor: cheap next to the model call."""
+        import torch
+
+        if not isinstance(x, torch.Tensor) or bool(torch.isfinite(x).all()):
+            return
+        from krea2kit.errors import WeightsError
+
+        weights = self.identities.get(role, {}).get("weights")
+        weights = str(weights) if weights else None
+        name = self._ROLE_NAMES.get(role, role)
+        hint = "check or fetch the weights again (compare the file's sha256)"
+        if x.dtype == torch.float16:
+            hint += '; float16 can overflow: try model.dtype = "bfloat16" or "float32"'
+        if role == "dit" and plan.recipe.loras:
+            hint += "; or run without the [[loras]] to rule them out"
+        which = "its weights (this file)" if weights else "its weights"
+        raise WeightsError(f"the {name} produced NaN or infinite values in {what}: {which} hold non-finite "
+                           "values or are not the model they should be; nothing was written",
+                           file=weights, key=f"model.weights.{role}", hint=hint)
+
     def release(self, role: str) -> None:
-        for key in [k for k in self._parts if k[0] == role]:
+        for key in [k for k in self._parts if k[2].role == role]:
             del self._parts[key]
         gc.collect()
 
@@ -146,6 +177,7 @@ class Pipeline:
         device = pick_device(recipe.model.device if recipe.model.device != "auto" else (self.settings.device or "auto"))
         dtype_name = pick_dtype(recipe.model.dtype if recipe.model.dtype != "auto" else (self.settings.dtype or "auto"), device)
         dtype = getattr(torch, dtype_name)
+        check_load_signatures(plan)  # a part that cannot be loaded is named before any weights load
         filters = FilterSet(plan, self.settings, run_id=run_id, events=events)
         outputs = OutputPlanner(plan)
 
@@ -167,10 +199,9 @@ class Pipeline:
             encoder = self.part(plan, "text_encoder", device=device, dtype=dtype_name, events=events)
             start = time.perf_counter()
             events("stage", stage="encode", total=len(unique))
-            if hasattr(encoder, "layout"):
-                encoder.layout = recipe.model.layout
             hidden, mask = encoder.encode(unique)
-            for note in getattr(encoder, "take_warnings", lambda: [])():
+            self.require_finite(plan, hidden, "text_encoder", "the prompt encodings")
+            for note in encoder.take_warnings():
                 events("warning", message=note)
             for i, text in enumerate(unique):
                 conds[text] = (hidden[i : i + 1], mask[i : i + 1])
@@ -185,10 +216,12 @@ class Pipeline:
         if dit is not None:
             check_text_fits(plan, dit, conds)
         vae = self.part(plan, "vae", device=device, dtype=dtype_name, events=events) if unique else None
-        if vae is not None and hasattr(vae, "set_tile_threshold"):
-            vae.set_tile_threshold(recipe.model.vae_tile_threshold)
-        sampler_fn = plan.parts["sampler"].load_part()
-        writer = plan.parts["writer"].load_part(options=plan.plugin_options.get(plan.parts["writer"].plugin))
+        if dit is not None and vae is not None:
+            check_latents_fit(plan, dit, vae)
+        sampler_model = plan.parts["sampler"].options_model()
+        sampler_fn = self.small_part(plan, "sampler",
+                                     sampler_model.model_validate(plan.sampler_options) if sampler_model else None)
+        writer = self.small_part(plan, "writer", None)
         adapters = None
         if dit is not None and recipe.loras:
             from krea2kit.runtime.loras import attach_recipe_loras
@@ -230,9 +263,10 @@ class Pipeline:
         from krea2kit import sampling
 
         timings: dict[str, float] = {"encode": encode_share}
-        width, height, padded = sampling.aligned_size(job.width, job.height)
+        multiple = size_multiple(vae, dit)
+        width, height, padded = sampling.aligned_size(job.width, job.height, multiple)
         if padded:
-            events("warning", message=f"image {job.index}: {job.width}x{job.height} is not a multiple of 16; "
+            events("warning", message=f"image {job.index}: {job.width}x{job.height} is not a multiple of {multiple}; "
                                       f"generating {width}x{height} and cropping back")
         mu = job_mu(plan, job)
         record = self._base_record(plan, job, run_id, mu)
@@ -244,8 +278,8 @@ class Pipeline:
                                        device=device, dtype=dtype)
         cond = conds[job.prompt]
         uncond = conds[job.negative] if plan.guidance > 0 else None
-        denoise = dit.make_denoiser(cond, uncond, guidance=plan.guidance, height=height, width=width,
-                                    layout=plan.recipe.model.layout)
+        denoise = dit.make_denoiser(cond, uncond, guidance=plan.guidance,
+                                    latent_size=(height // contract.factor, width // contract.factor))
         sigmas = sampling.flow_sigmas(plan.steps, mu)
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
 
@@ -259,9 +293,11 @@ class Pipeline:
             adapters.set_step(0, plan.steps)
         with torch.inference_mode():
             latents = sampler_fn(denoise, noise, sigmas, generator=generator, callback=on_step, **plan.sampler_options)
+            self.require_finite(plan, latents, "dit", f"the latent of image {job.index}")
             timings["denoise"] = time.perf_counter() - start
             start = time.perf_counter()
             decoded = vae.decode(latents)
+            self.require_finite(plan, decoded, "vae", f"the decoded pixels of image {job.index}")
         image = sampling.to_pixels(decoded, size=(job.width, job.height))[0]
         timings["decode"] = time.perf_counter() - start
 
@@ -276,9 +312,9 @@ class Pipeline:
             return record
 
         start = time.perf_counter()
-        path = outputs.path_for(job, writer)
-        info = outputs.info(job, record, parts=self.identities, filters=filters, image_decision=decision)
-        written = writer.write(image, path, info)
+        info = outputs.info(job, record, parts=self.identities, filters=filters, image_decision=decision,
+                            settings=self.settings)
+        written = outputs.write(job, writer, image, info)  # claims a free name atomically
         timings["write"] = time.perf_counter() - start
         record.path = str(written)
         record.sha256 = hashlib.sha256(Path(written).read_bytes()).hexdigest()
@@ -296,19 +332,62 @@ def job_mu(plan: Plan, job: Job) -> float:
     return sampling.resolution_mu(sampling.image_tokens(job.width, job.height))
 
 
+def check_load_signatures(plan: Plan) -> None:
+    """Every part the plan uses must take ``load(options, context)``: say which does not
+    before anything heavy loads (filters are checked by their fail-closed loader)."""
+    from krea2kit.contracts import CONTRACT_VERSION
+
+    for descriptor in [*plan.parts.values(), *(kind for _, kind, _ in plan.slider_parts)]:
+        problem = descriptor.load_problem()
+        if problem:
+            raise PluginError(
+                f"{descriptor.kind.replace('_', ' ')} {descriptor.name!r} from plugin {descriptor.plugin or '?'!r}: "
+                f"{problem}",
+                hint=f"krea2kit plugin contract {CONTRACT_VERSION}: every load is `def load(options, context)`; "
+                     "see CONTRIBUTING.md 'Writing a plugin' and `krea2kit plugins --check`",
+            )
+
+
+def require_protocol(descriptor: Any, part: Any) -> Any:
+    """``part`` as loaded, if it has what the protocol of its kind declares; else a
+    :class:`PluginError` naming the plugin and what is missing (not an AttributeError later)."""
+    protocol = protocol_for(descriptor.kind, getattr(descriptor, "target", "image"))
+    missing = missing_members(part, protocol)
+    if missing:
+        raise PluginError(
+            f"{descriptor.kind.replace('_', ' ')} {descriptor.name!r} from plugin {descriptor.plugin or '?'!r}: "
+            f"its load() returned {type(part).__name__}, which lacks {', '.join(missing)} "
+            f"({protocol.__name__} in krea2kit.contracts)",
+            hint="run `krea2kit plugins --check` for the full report",
+        )
+    return part
+
+
+def check_latents_fit(plan: Plan, dit: Any, vae: Any) -> None:
+    """The VAE's latents must be what the transformer consumes (both declare it)."""
+    from krea2kit.errors import WeightsError
+
+    if int(dit.in_channels) != int(vae.contract.channels):
+        raise WeightsError(
+            f"the VAE gives {vae.contract.describe()}, but the transformer of {plan.model.name!r} takes "
+            f"{dit.in_channels} latent channels",
+            key="model.vae", hint="choose a VAE whose latent space matches the transformer (see `krea2kit plugins`)",
+        )
+
+
 def check_text_fits(plan: Plan, dit: Any, conds: dict[str, Any]) -> None:
     """The encoder's hidden states must have the shape the transformer's text fusion takes."""
     from krea2kit.errors import WeightsError
 
-    config = getattr(getattr(dit, "module", None), "config", None)
-    if config is None or not conds:
+    expected = dit.text_shape
+    if expected is None or not conds:
         return
     hidden = next(iter(conds.values()))[0]
     taps, width = hidden.shape[-2], hidden.shape[-1]
-    if (taps, width) != (config.txtlayers, config.txtdim):
+    if (taps, width) != tuple(expected):
         raise WeightsError(
             f"the text encoder gives {taps} tapped layers of width {width}, but the transformer of "
-            f"{plan.model.name!r} fuses {config.txtlayers} layers of width {config.txtdim}",
+            f"{plan.model.name!r} fuses {expected[0]} layers of width {expected[1]}",
             key="model.weights.text_encoder",
             hint="use the text encoder this transformer was trained with (Krea 2: Qwen3-VL-4B-Instruct)",
         )

@@ -11,6 +11,10 @@ Loading rules (documented in CONTRIBUTING.md):
   comma-separated list of entry-point names = only those, empty or ``none`` = none.
 * Two plugins registering the same part name is a clash: both are kept, the clash is
   reported, and recipes must then name the part as ``plugin:name``.
+* A plugin module may state the plugin contract it was written for
+  (``KREA2KIT_CONTRACT = 2``, see :mod:`krea2kit.contracts`). One that needs a newer
+  contract than this krea2kit provides, or states one older than it still supports, is
+  skipped with a warning (an error under ``KREA2KIT_STRICT_PLUGINS=1``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from importlib import metadata
 import pluggy
 
 from krea2kit import hookspecs
+from krea2kit.contracts import CONTRACT_VERSION, OLDEST_SUPPORTED_CONTRACT, PLUGIN_CONTRACT_ATTRIBUTE
 from krea2kit.errors import PluginError
 from krea2kit.registry import HOOK_KINDS, Descriptor, Registry
 
@@ -43,6 +48,7 @@ class PluginInfo:
     registers: dict[str, list[str]] = field(default_factory=dict)
     commands: list[str] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
+    contract: int | None = None  # the plugin contract it states it was written for, if any
 
     def to_json(self) -> dict:
         return {
@@ -51,10 +57,31 @@ class PluginInfo:
             "version": self.version,
             "module": self.module,
             "builtin": self.builtin,
+            "contract": self.contract,
             "hooks": sorted(self.hooks),
             "registers": {k: sorted(v) for k, v in sorted(self.registers.items()) if v},
             "commands": sorted(self.commands),
         }
+
+
+def stated_contract(plugin: object) -> int | None:
+    """The contract version a plugin module states (``KREA2KIT_CONTRACT``): an int, or a
+    string ``"2"`` / ``">=2"``; ``None`` when it states none. ValueError when unreadable."""
+    raw = getattr(plugin, PLUGIN_CONTRACT_ATTRIBUTE, None)
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise ValueError(f"{PLUGIN_CONTRACT_ATTRIBUTE} = {raw!r} is not a version number")
+    text = str(raw).strip().removeprefix(">=").strip()
+    if not text.isdigit():
+        raise ValueError(f"{PLUGIN_CONTRACT_ATTRIBUTE} = {raw!r} is not a version number (write e.g. 2)")
+    return int(text)
+
+
+def contract_json() -> dict:
+    """The contract this krea2kit provides, as ``plugins --json`` shows it."""
+    return {"version": CONTRACT_VERSION, "oldest_supported": OLDEST_SUPPORTED_CONTRACT,
+            "attribute": PLUGIN_CONTRACT_ATTRIBUTE, "reference": "krea2kit.contracts"}
 
 
 def _strict() -> bool:
@@ -129,6 +156,21 @@ class Host:
 
     def _add(self, plugin: object, info: PluginInfo) -> None:
         try:
+            info.contract = stated_contract(plugin)
+        except ValueError as exc:
+            self._refuse(info, f"plugin {info.name!r} is invalid: {exc}; skipped")
+            return
+        if info.contract is not None and info.contract > CONTRACT_VERSION:
+            self._refuse(info, f"plugin {info.name!r} ({info.distribution} {info.version}) needs plugin contract "
+                               f"{info.contract}, but this krea2kit provides contract {CONTRACT_VERSION}; skipped "
+                               f"(upgrade krea2kit)")
+            return
+        if info.contract is not None and info.contract < OLDEST_SUPPORTED_CONTRACT:
+            self._refuse(info, f"plugin {info.name!r} ({info.distribution} {info.version}) was written for plugin "
+                               f"contract {info.contract}; this krea2kit supports {OLDEST_SUPPORTED_CONTRACT} to "
+                               f"{CONTRACT_VERSION}; skipped (update the plugin: every load is load(options, context))")
+            return
+        try:
             self.pm.register(plugin, name=info.name)
             # A hook implementation without a matching spec (a typo) is an error.
             self.pm.check_pending()
@@ -142,6 +184,11 @@ class Host:
             return
         info.hooks = sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or [])
         self.plugins[info.name] = info
+
+    def _refuse(self, info: PluginInfo, message: str) -> None:
+        if info.builtin:
+            raise PluginError(message)
+        self._problem(message)
 
     def _collect(self) -> None:
         """Call every registration hook, one implementation at a time, so each

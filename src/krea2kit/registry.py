@@ -42,11 +42,49 @@ class Descriptor:
     options: Any = None  # pydantic model class, "module:Class", or None
     version: str = ""
     plugin: str = field(default="", compare=False)  # filled in by the host
+    # An example options table the conformance checker (`krea2kit plugins --check`) loads the
+    # part with, for schemas that need values (a slider must name its LoRA); {} when None.
+    check_options: Any = field(default=None, compare=False)
 
-    def load_part(self, *args: Any, **kwargs: Any) -> Any:
-        if self.load is None:
-            raise PluginError(f"{self.kind} {self.name!r} from plugin {self.plugin!r} has nothing to load")
-        return resolve_ref(self.load)(*args, **kwargs)
+    def load_problem(self) -> str | None:
+        """Why this part's ``load`` cannot be called as ``load(options, context)`` (the one
+        load convention of every kind, :mod:`krea2kit.contracts`), or ``None``. Imports the
+        lazy reference, nothing more."""
+        import inspect
+
+        from krea2kit.contracts import LoadContext
+
+        try:
+            load = resolve_ref(self.load)
+        except Exception as exc:  # an unimportable lazy reference
+            return f"load {self.load!r} cannot be imported: {type(exc).__name__}: {exc}"
+        if load is None:
+            return "it has nothing to load"
+        try:
+            inspect.signature(load).bind(None, LoadContext())
+        except TypeError as exc:
+            return f"its load() cannot be called as load(options, context) ({exc})"
+        except ValueError:  # a builtin without an introspectable signature: trust it
+            pass
+        return None
+
+    def load_part(self, options: Any = None, context: Any = None) -> Any:
+        """Call this part's ``load(options, context)``. ``context`` defaults to a
+        :class:`~krea2kit.contracts.LoadContext` naming this part. A ``load`` that cannot
+        take those two arguments is a :class:`PluginError` naming the plugin, not a
+        ``TypeError`` from deep inside a run."""
+        from krea2kit.contracts import CONTRACT_VERSION, LoadContext
+
+        problem = self.load_problem()
+        if problem:
+            raise PluginError(
+                f"{self.kind.replace('_', ' ')} {self.name!r} from plugin {self.plugin or '?'!r}: {problem}",
+                hint=f"krea2kit plugin contract {CONTRACT_VERSION}: every load is `def load(options, context)`; "
+                     "see CONTRIBUTING.md 'Writing a plugin' and `krea2kit plugins --check`",
+            )
+        if context is None:
+            context = LoadContext(role=self.kind, name=self.name)
+        return resolve_ref(self.load)(options, context)
 
     def options_model(self):
         return resolve_ref(self.options) if self.options is not None else None
@@ -70,7 +108,7 @@ class Descriptor:
         if self.version:
             out["version"] = self.version
         for f in fields(self):
-            if f.name in {"name", "summary", "load", "options", "version", "plugin"}:
+            if f.name in {"name", "summary", "load", "options", "version", "plugin", "check_options"}:
                 continue
             value = getattr(self, f.name)
             if isinstance(value, (str, int, float, bool, type(None), list, tuple, dict)):

@@ -3,7 +3,8 @@
 Everything here follows the official Krea 2 sampler (``krea-ai/krea-2`` @ db3984f,
 ``sampling.py``) bit for bit where the official code defines the behaviour:
 
-* sizes are padded *up* to multiples of 16 (VAE factor 8 x patch 2);
+* sizes are padded *up* to multiples of 16 (VAE factor 8 x patch 2; the constants below are
+  Krea 2's, and the pipeline passes the loaded parts' own ``contracts.size_multiple``);
 * ``mu`` is linear in the image-token count between (256, 0.5) and (6400, 1.15), not clamped;
 * the schedule is ``t = linspace(1, 0, steps + 1)`` time-shifted by ``e^mu``, in float32 on CPU;
 * noise for image ``i`` is ``randn`` from a fresh generator seeded ``seed + i``, drawn on the
@@ -15,17 +16,18 @@ Convention (official): ``x_t = t * noise + (1 - t) * x0`` and the model predicts
 ``v = noise - x0``, so ``x0 = x_t - t * v`` and ``dx/dt = v``.
 
 A sampler is a plain function ``sampler(denoise, x, sigmas, *, generator=None, callback=None,
-**options) -> x`` where ``denoise(x, sigma: float) -> v`` and
-``callback(step_index, total_steps, sigma, x)`` runs after every step. ``SAMPLERS`` maps names
-to samplers and ``SAMPLER_OPTIONS`` maps the same names to pydantic models that validate the
-options (``extra="forbid"``), so a recipe can check ``[sampler]`` before any weights load.
+**options) -> x`` (:class:`krea2kit.contracts.Sampler`) where ``denoise(x, sigma: float) -> v``
+and ``callback(step_index, total_steps, sigma, x)`` runs after every step. ``SAMPLERS`` maps
+names to the built-in functions; their summaries and options schemas are the one table
+``krea2kit.sampler_options.BUILTIN_SAMPLERS`` (torch-free, so a recipe checks ``[sampler]``
+before any weights load), which ``SAMPLER_OPTIONS`` reads.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 
@@ -178,14 +180,9 @@ StepCallback = Callable[[int, int, float, torch.Tensor], None]
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
-class Sampler(Protocol):
-    def __call__(self, denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor | Sequence[float],
-                 *, generator: Generators = None, callback: StepCallback | None = None,
-                 **options: object) -> torch.Tensor: ...
-
-
 # Options schemas live in a torch-free module so recipes validate without torch.
-from krea2kit.sampler_options import AncestralOptions, EulerOptions, HeunOptions  # noqa: E402
+from krea2kit.contracts import LoadContext, Sampler  # noqa: E402  (the sampler protocol lives there)
+from krea2kit.sampler_options import BUILTIN_SAMPLERS, AncestralOptions, EulerOptions, HeunOptions  # noqa: E402
 
 
 def _as_floats(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
@@ -311,11 +308,13 @@ SAMPLERS: dict[str, Sampler] = {
     "euler_ancestral": euler_ancestral,
 }
 
-SAMPLER_OPTIONS: dict[str, type] = {
-    "euler": EulerOptions,
-    "heun": HeunOptions,
-    "euler_ancestral": AncestralOptions,
-}
+SAMPLER_OPTIONS: dict[str, type] = {row.name: row.options for row in BUILTIN_SAMPLERS}
+
+
+def load(options: object, context: LoadContext) -> Sampler:
+    """The registry's ``load(options, context)`` of every built-in sampler: the function named
+    ``context.name`` (its options arrive again as keywords on each call)."""
+    return SAMPLERS[context.name]
 
 
 # --- pixels --------------------------------------------------------------------------------

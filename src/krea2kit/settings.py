@@ -23,34 +23,34 @@ ENV_CACHE = "KREA2KIT_CACHE_DIR"
 
 
 def config_dir() -> Path:
-    if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming"))
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "krea2kit"
+    """The per-user config folder, as platformdirs places it on each OS."""
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("krea2kit", appauthor=False, roaming=True))
 
 
 def cache_dir() -> Path:
-    if os.environ.get(ENV_CACHE):
+    """``$KREA2KIT_CACHE_DIR``, or the per-user cache folder platformdirs names."""
+    from krea2kit import env_values
+
+    if env_values.from_env(ENV_CACHE):  # remembered: messages show $KREA2KIT_CACHE_DIR, not the path
         return Path(os.environ[ENV_CACHE]).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "krea2kit"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("krea2kit", appauthor=False))
 
 
 def config_path() -> Path:
-    env = os.environ.get(ENV_CONFIG)
+    from krea2kit import env_values
+
+    env = env_values.from_env(ENV_CONFIG)  # remembered: messages show $KREA2KIT_CONFIG, not the path
     return Path(env).expanduser() if env else config_dir() / "config.toml"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # As in recipes: unknown keys refused, strict types (``unfiltered = "no"`` is an error,
+    # not True), finite numbers.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class PresetWeights(_Strict):
@@ -73,6 +73,12 @@ class CacheSettings(_Strict):
     prompt_embeddings: bool = True
 
 
+class MetadataSettings(_Strict):
+    local_paths: bool = Field(
+        False, description="Record the absolute local paths of weights and LoRA files in image metadata "
+                           "(default: file names and hashes only, so a shared image reveals no local folders)")
+
+
 class Settings(_Strict):
     default_model: str | None = None
     device: str | None = None
@@ -80,6 +86,7 @@ class Settings(_Strict):
     weights: dict[str, PresetWeights] = Field(default_factory=dict)
     safety: SafetySettings = Field(default_factory=SafetySettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    metadata: MetadataSettings = Field(default_factory=MetadataSettings)
 
     path: str | None = Field(None, exclude=True)
 
@@ -94,13 +101,28 @@ class Settings(_Strict):
 
 def load_settings(path: Path | None = None) -> Settings:
     """Read the settings file (a missing file means defaults)."""
+    from krea2kit.errors import RecipeError
     from krea2kit.recipe.errors import validate_model
-    from krea2kit.recipe.loader import parse_toml
+    from krea2kit.recipe.loader import FileTooLarge, NotARegularFile, parse_toml, read_text_file
 
     path = path or config_path()
     data: dict[str, Any] = {}
-    if path.is_file():
-        data = parse_toml(path.read_text(encoding="utf-8"), str(path))
+    fix = f"the config must be a small TOML file; ${ENV_CONFIG} chooses another path"
+    try:
+        text = read_text_file(path)
+    except FileNotFoundError:
+        text = ""  # no config file yet: every setting has its default
+    except NotARegularFile as exc:
+        raise RecipeError(f"the config file is {exc.kind}, not a TOML file", file=str(path), hint=fix) from None
+    except FileTooLarge as exc:
+        raise RecipeError(f"the config file is {exc.size} bytes; a config file is small text", file=str(path),
+                          hint=fix) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"the config file is not UTF-8 text (byte {exc.start})", file=str(path)) from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read the config file: {exc.strerror or exc}", file=str(path), hint=fix) from None
+    if text:
+        data = parse_toml(text, str(path))
     settings = validate_model(Settings, data, file=str(path))
     settings.path = str(path)
     return settings

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from krea2kit.models.dit import PRESETS, SingleStreamDiT, image_positions, patchify
+from krea2kit.models.dit import SingleStreamDiT, image_positions, patchify
+from support.presets import TINY_DIT
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -19,7 +20,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def tiny_dit(seed: int = 0) -> SingleStreamDiT:
-    return randomize(SingleStreamDiT(PRESETS["tiny"]), seed).eval().requires_grad_(False)
+    return randomize(SingleStreamDiT(TINY_DIT), seed).eval().requires_grad_(False)
 
 
 def linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:

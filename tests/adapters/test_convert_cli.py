@@ -55,9 +55,19 @@ def test_lycoris_kinds_dora_and_diffs_round_trip(tmp_path, to):
     _same_deltas(src, back)
 
 
-def test_diffusers_layout_refuses_non_lora_kinds(tmp_path):
-    with pytest.raises(WeightsError, match="plain LoRA factors only"):
+def test_diffusers_layout_refuses_other_kinds_and_mixtures(tmp_path):
+    with pytest.raises(WeightsError, match="plain LoRA or LoKr factors only") as err:
         write_lora(mixed_lora(tiny_dit()), tmp_path / "m.safetensors", "diffusers")
+    assert "dora, full, loha" in str(err.value)
+    lora = mixed_lora(tiny_dit())
+    lora.deltas = {k: d for k, d in lora.deltas.items() if d.kind in ("lora", "lokr") and d.magnitude is None}
+    plain = parse_lora_state_dict(layout_state_dict(random_lora_deltas(tiny_dit(), rank=2, seed=44), "kohya")[0])
+    for name, d in plain.deltas.items():
+        lora.deltas.setdefault(name, d)  # LoKr on blocks.0.mlp.up, plain LoRA on the others
+    with pytest.raises(WeightsError, match="one adapter kind per file") as err:
+        write_lora(lora, tmp_path / "m.safetensors", "diffusers")
+    assert "lokr x1" in str(err.value)
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_written_keys_follow_each_layout():
@@ -69,11 +79,19 @@ def test_written_keys_follow_each_layout():
     assert float(t["lora_unet_blocks_0_attn_wq.alpha"]) == 2.0
     t, m = lora_to_state_dict(src, "native")
     assert "diffusion_model.txtfusion.refiner_blocks.1.attn.wo.lora_B.weight" in t
+    assert not any(k.endswith(".alpha") for k in t)  # scale 2/4 folded into lora_B
+    up = src.deltas["blocks.0.attn.wq"].factors["up"]
+    torch.testing.assert_close(t["diffusion_model.blocks.0.attn.wq.lora_B.weight"], up * 0.5)
     t, m = lora_to_state_dict(src, "diffusers", dtype=torch.bfloat16)
     assert "transformer.text_fusion.layerwise_blocks.0.ff.gate.lora_A.weight" in t
     assert t["transformer.img_in.lora_A.weight"].dtype == torch.bfloat16
+    assert t["transformer.img_in.lora_B.weight"].dtype == torch.bfloat16
+    torch.testing.assert_close(t["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"],
+                               (up.float() * 0.5).to(torch.bfloat16))
+    # tiny's projector has rank 1 (narrower than 4): the config keeps scale 1 for every module
     cfg = json.loads(m["lora_adapter_metadata"])
-    assert cfg["transformer.lora_alpha"] == 2.0 and cfg["transformer.r"] == 4
+    assert cfg["transformer.r"] == cfg["transformer.lora_alpha"] == 4
+    assert cfg["transformer.rank_pattern"] == cfg["transformer.alpha_pattern"] == {"text_fusion.projector": 1}
 
 
 # ---------------------------------------------------------------------------

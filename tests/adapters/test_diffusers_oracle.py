@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from krea2kit.adapters.convert import write_lora  # noqa: E402
 from krea2kit.adapters.formats import load_lora  # noqa: E402
 from krea2kit.adapters.runtime import attach_adapters, merge_into  # noqa: E402
-from krea2kit.models.dit import PRESETS  # noqa: E402
 from krea2kit.models.dit_loader import load_dit  # noqa: E402
+from support.presets import TINY_DIT  # noqa: E402
 
 from conftest import diffusers_run, randomize, run, tiny_inputs  # noqa: E402
 
@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     from peft import LoraConfig
 
     tmp = tmp_path_factory.mktemp("oracle")
-    cfg = PRESETS["tiny"]
+    cfg = TINY_DIT
     torch.manual_seed(0)
     ref = randomize(Krea2Transformer2DModel(**cfg.to_diffusers()), seed=31).eval()
     ref.save_pretrained(tmp / "transformer")

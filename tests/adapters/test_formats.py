@@ -349,3 +349,92 @@ def test_official_style_lora_covers_all_264_linears_of_the_full_model():
     assert lora.coverage() == {"blocks": 224, "txtfusion_blocks": 32, "standalone": 8}
     kohya = parse_lora_state_dict(musubi, strict=True)
     assert kohya.layout == "kohya" and set(kohya.deltas) == set(full) and kohya.scales() == {0.5: 264}
+
+
+# ---------------------------------------------------------------------------
+# each layout is a registered format part
+
+def _builtin_formats():
+    from krea2kit.plugins import Host
+
+    return Host(load_entry_points=False).registry.all("lora_format")
+
+
+def test_every_builtin_layout_is_registered_through_the_hook_and_detects_its_own_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from krea2kit.adapters.formats import BUILTIN_LAYOUTS
+    from krea2kit.contracts import LoraFormat
+    from krea2kit.parts.lora_formats import open_lora
+
+    formats = {d.name: d for d in _builtin_formats()}
+    assert set(formats) == {layout.name for layout in BUILTIN_LAYOUTS}
+    assert all(d.plugin == "krea2kit" for d in formats.values())
+    pairs = random_lora_deltas(tiny_dit(), rank=2, seed=11)
+    for layout, expect in LAYOUTS.items():
+        sd, meta = layout_state_dict(pairs, layout, alpha=1.0)
+        save_file(sd, str(tmp_path / f"{layout}.safetensors"), metadata=meta)
+        fmt = formats[expect].load_part()
+        assert isinstance(fmt, LoraFormat)
+        assert fmt.detect(list(sd), meta) is True
+        assert fmt.detect([], {}) is False
+        assert fmt.parse(tmp_path / f"{layout}.safetensors").layout == expect
+        lora = open_lora(tmp_path / f"{layout}.safetensors", list(formats.values()))
+        reference = parse_lora_state_dict(sd, meta)
+        assert lora.layout == expect and list(lora.deltas) == list(reference.deltas)
+        for n, d in lora.deltas.items():
+            torch.testing.assert_close(d.dense(), reference.deltas[n].dense(), rtol=0, atol=0)
+    # a file only kohya names is not detected by the diffusers format, and the reverse
+    kohya_keys = list(layout_state_dict(pairs, "kohya")[0])
+    assert not formats["diffusers"].load_part().detect(kohya_keys, {})
+    assert not formats["kohya"].load_part().detect(list(layout_state_dict(pairs, "diffusers")[0]), {})
+
+
+def test_plugin_formats_are_asked_before_the_builtin_ones(tmp_path):
+    """A plugin layout that claims the same names as a built-in one wins, because plugins
+    are asked first; without it the built-in reader reads the file."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from krea2kit.adapters.formats import KeyLayout, LayoutFormat, native
+    from krea2kit.parts.lora_formats import ask_order, open_lora
+    from krea2kit.registry import LoraFormatDescriptor
+
+    mine = KeyLayout(name="mine", prefixes=("diffusion_model.",), to_native=native.LAYOUT.to_native)
+    plugin = replace(LoraFormatDescriptor(name="zz-mine", summary="test",
+                                          load=lambda options=None, context=None: LayoutFormat(mine)),
+                     plugin="a-plugin")
+    builtins = _builtin_formats()
+    assert [d.plugin for d in ask_order(builtins + [plugin])][0] == "a-plugin"
+    sd, meta = layout_state_dict(random_lora_deltas(tiny_dit(), rank=2, seed=12), "comfyui", alpha=1.0)
+    save_file(sd, str(tmp_path / "c.safetensors"), metadata=meta)
+    assert open_lora(tmp_path / "c.safetensors", builtins + [plugin]).layout == "mine"
+    assert open_lora(tmp_path / "c.safetensors", builtins).layout == "native"
+
+
+def test_a_file_no_format_detects_is_refused_with_the_reason(tmp_path):
+    from safetensors.torch import save_file
+
+    from krea2kit.parts.lora_formats import open_lora
+
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 8)},
+              str(tmp_path / "sdxl.safetensors"))
+    assert not any(d.load_part().detect(["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], {})
+                   for d in _builtin_formats())
+    with pytest.raises(WeightsError, match="SDXL"):
+        open_lora(tmp_path / "sdxl.safetensors", _builtin_formats())
+
+
+def test_krea_training_needs_every_pair_bare_and_unprefixed():
+    """The trainer's metadata scale applies only to its own files: one ``.weight`` pair or a
+    prefix makes the file native (and the metadata is not a scale then)."""
+    pairs = random_lora_deltas(tiny_dit(), rank=4, seed=13)
+    sd, _ = layout_state_dict(pairs, "krea-training")
+    meta = {"rank": "4", "lora_alpha": "8"}
+    assert parse_lora_state_dict(sd, meta).layout == "krea-training"
+    one = next(k for k in sd if k.endswith(".lora_A"))
+    mixed = {(k + ".weight" if k in (one, one[:-1] + "B") else k): v for k, v in sd.items()}
+    lora = parse_lora_state_dict(mixed, meta)
+    assert lora.layout == "native" and lora.scales() == {1.0: 56}
+    assert not any("mixed" in n for n in lora.notes)  # bare and .weight names are both native spellings

@@ -5,13 +5,16 @@ sheet, `lora inspect` / `lora convert`, refusals."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from krea2kit.nano import configs
+import krea2kit
+from krea2kit.models.dit_loader import dit_config_from_checkpoint
+from krea2kit.models.weights import open_checkpoint
 
 RECIPE = """
 seed = 5
@@ -24,8 +27,9 @@ steps = 3
 dir = "out"
 """
 
-# Shapes of the shipped nano transformer (attention in/out projections, `last.linear`).
-_NANO = configs.dit_config()
+# Shapes of the shipped nano transformer (attention in/out projections, `last.linear`), read
+# from the file the nano preset loads.
+_NANO = dit_config_from_checkpoint(open_checkpoint(Path(krea2kit.__file__).parent / "nano" / "weights" / "turbo"))
 MODULES = {f"blocks.{i}.attn.{m}": (_NANO.features, _NANO.features) for i in range(_NANO.layers) for m in ("wq", "wo")}
 MODULES["last.linear"] = (_NANO.patch**2 * _NANO.channels, _NANO.features)
 
@@ -100,6 +104,21 @@ def test_slider_zero_is_no_lora_and_sweep_writes_a_contact_sheet(cli, setup):
     assert pixels(tmp / lines[1]["path"]) == pixels(tmp / plain)  # the middle column is value 0
     bad = cli("run", "r.toml", *slider, "--sweep", "amout=-1:1:3")
     assert bad.code == 2 and "did you mean 'amount'" in bad.stderr
+
+
+def test_dry_run_sweep_lists_every_column_and_writes_nothing(cli, setup):
+    tmp, lora = setup
+    slider = ['--set', f'loras=[{{path="{lora}", name="style"}}]',
+              '--set', 'sliders=[{name="amount", value=0.0, lora="style", range=[-2.0, 2.0]}]']
+    res = cli("run", "r.toml", *slider, "--sweep", "amount=-1:1:3", "--dry-run", "--json")
+    assert res.code == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [line["value"] for line in lines] == [-1.0, 0.0, 1.0]
+    assert all(line["status"] == "planned" and line["slider"] == "amount" for line in lines)
+    assert not (tmp / "out").exists()  # nothing rendered, no contact sheet
+    assert "nothing loaded" in res.stderr
+    outside = cli("run", "r.toml", *slider, "--sweep", "amount=-3:1:3", "--dry-run")
+    assert outside.code == 2 and "outside its range" in outside.stderr  # every column is validated
 
 
 def test_lora_inspect_and_refusals(cli, setup):

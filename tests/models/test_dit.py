@@ -36,6 +36,7 @@ from krea2kit.models.dit import (
     patchify,
     unpatchify,
 )
+from support.presets import DITS
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "krea2_golden.safetensors"
 KEYS_FILE = Path(__file__).parents[1] / "fixtures" / "keys" / "krea2_native_keys.txt"
@@ -60,7 +61,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def tiny_model(seed: int = 0, preset: str = "tiny") -> SingleStreamDiT:
-    return randomize(SingleStreamDiT(PRESETS[preset]), seed).eval().requires_grad_(False)
+    return randomize(SingleStreamDiT(DITS[preset]), seed).eval().requires_grad_(False)
 
 
 def tiny_inputs(cfg: DiTConfig, seed: int = 1, grid=(4, 6), L=7):
@@ -114,8 +115,7 @@ def test_full_config_state_dict_matches_official_keys():
 
 
 def test_config_roundtrips_through_diffusers_config():
-    for name in ("krea2-raw", "tiny", "micro", "bench-1024"):
-        cfg = PRESETS[name]
+    for cfg in (PRESETS["krea2-raw"], *DITS.values()):
         assert DiTConfig.from_diffusers(cfg.to_diffusers()) == cfg
     # diffusers' defaults are the official model
     assert DiTConfig.from_diffusers({}) == PRESETS["krea2-raw"]
@@ -196,7 +196,7 @@ def test_matches_official_golden_values():
     assert meta["repo"] == OFFICIAL_REPO and meta["commit"].startswith(OFFICIAL_COMMIT)
     official = json.loads(meta["config"])
     cfg = DiTConfig(**{k: v for k, v in official.items() if k not in ("bias",)})
-    assert cfg == PRESETS["micro"]
+    assert cfg == DITS["micro"]
     model = build_meta(cfg)
     model.load_state_dict(weights, strict=True, assign=True)
     model.eval().requires_grad_(False)

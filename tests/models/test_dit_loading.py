@@ -23,6 +23,7 @@ from krea2kit.models.dit_loader import (
     native_to_diffusers,
 )
 from krea2kit.models.weights import open_checkpoint, save_safetensors_atomic
+from support.presets import DITS
 
 KEYS_DIR = Path(__file__).parents[1] / "fixtures" / "keys"
 
@@ -67,7 +68,7 @@ def _ours(model, latents, txt, mask, t, grid):
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
-    cfg = PRESETS["tiny"]
+    cfg = DITS["tiny"]
     root = tmp_path_factory.mktemp("dit")
     ref = _random_diffusers(cfg)
     pipe = root / "pipe"
@@ -140,12 +141,12 @@ def test_dtypes_kept_or_forced(tmp_path, tiny_files):
 
 
 def test_config_inferred_from_shapes_and_config_json(tmp_path, tiny_files):
-    assert dit_config_from_checkpoint(open_checkpoint(tiny_files["root"] / "native.safetensors")) == PRESETS["tiny"]
-    assert dit_config_from_checkpoint(open_checkpoint(tiny_files["pipe"] / "transformer")) == PRESETS["tiny"]
+    assert dit_config_from_checkpoint(open_checkpoint(tiny_files["root"] / "native.safetensors")) == DITS["tiny"]
+    assert dit_config_from_checkpoint(open_checkpoint(tiny_files["pipe"] / "transformer")) == DITS["tiny"]
     # a diffusers file without config.json: shapes through the key mapping
     ref = tiny_files["ref"]
     save_safetensors_atomic(ref.state_dict(), tmp_path / "noconfig" / "model.safetensors")
-    assert dit_config_from_checkpoint(open_checkpoint(tmp_path / "noconfig")) == PRESETS["tiny"]
+    assert dit_config_from_checkpoint(open_checkpoint(tmp_path / "noconfig")) == DITS["tiny"]
     # non-formula MLP width and a head dim that is not features/heads-derived survive inference
     odd = DiTConfig(features=64, heads=4, kvheads=2, layers=1, tdim=8, txtdim=32, txtheads=2, txtkvheads=1,
                     txtlayers=2, mlp_hidden=96, txt_mlp_hidden=40)
@@ -226,9 +227,9 @@ def test_bad_files(tmp_path, tiny_files):
     save_safetensors_atomic(extra, tmp_path / "extra.safetensors")
     assert "1 unexpected (blocks.0.attn.extra.weight)" in _err(tmp_path / "extra.safetensors")
 
-    msg = _err(tiny_files["root"] / "native.safetensors", config=PRESETS["micro"])
+    msg = _err(tiny_files["root"] / "native.safetensors", config=DITS["micro"])
     assert "shape mismatch" in msg
-    msg = _err(tiny_files["pipe"] / "transformer", config=PRESETS["micro"])
+    msg = _err(tiny_files["pipe"] / "transformer", config=DITS["micro"])
     assert "config.json" in msg
 
     # a diffusers folder whose config.json disagrees with its tensors

@@ -27,10 +27,11 @@ from krea2kit.models.text_encoder import (
     load_text_tower,
 )
 from krea2kit.models.tokenizer import PromptTemplate, QwenTokenizer
+from support.presets import TINY_TEXT
 
 transformers = pytest.importorskip("transformers")
 
-TINY = PRESETS["tiny"]
+TINY = TINY_TEXT
 TOL = 1e-5
 
 

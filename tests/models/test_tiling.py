@@ -191,9 +191,10 @@ def test_roundtrip_generic_vae_odd_size():
 
 
 def test_roundtrip_qwen_vae_png_modes():
-    from krea2kit.models.vae_qwen import random_qwen_vae
+    from support.presets import QWEN_VAES
+    from support.random_models import random_qwen_vae
 
-    vae = random_qwen_vae("tiny", seed=0)
+    vae = random_qwen_vae(QWEN_VAES["tiny"], seed=0)
     for mode in ("RGBA", "L", "P"):
         img = Image.new(mode, (20, 13))
         out, score = roundtrip(vae, img)

@@ -20,6 +20,7 @@ from krea2kit.models.vae_flux2 import (
     patchify_latents,
     unpatchify_latents,
 )
+from support.presets import flux2_vae
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLFlux2  # noqa: E402
@@ -63,7 +64,7 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
 
 
 def _oracle(preset: str, seed: int = 0) -> tuple[AutoencoderKLFlux2, Flux2VAEConfig]:
-    cfg = Flux2VAEConfig.preset(preset)
+    cfg = flux2_vae(preset)
     ref = AutoencoderKLFlux2(**_diffusers_kwargs(cfg)).eval()
     _randomise(ref, seed)
     return ref, cfg
@@ -141,7 +142,7 @@ def test_full_size_names_and_shapes_equal_diffusers(preset):
 
 
 def test_contract():
-    vae = Flux2VAE(Flux2VAEConfig.preset("tiny"))
+    vae = Flux2VAE(flux2_vae("tiny"))
     with torch.device("meta"):
         full = Flux2VAE()
     assert full.contract == LatentContract(channels=32, factor=8, patch=2, normalization="batchnorm-patchified")
@@ -294,7 +295,7 @@ def test_bfl_without_num_batches_tracked_and_prefixed(tmp_path):
     bfl = _to_bfl(ref.state_dict(), 2)
     del bfl["bn.num_batches_tracked"]
     vae = load_flux2_vae(_save({f"vae.{k}": v for k, v in bfl.items()}, tmp_path / "ae.safetensors"),
-                         config="tiny")
+                         config=flux2_vae("tiny"))
     assert torch.equal(vae.bn.running_var, ref.bn.running_var)
 
 
@@ -362,7 +363,7 @@ def test_tiled_decode_and_encode_close_to_untiled(tmp_path):
 
 
 def test_bad_inputs():
-    vae = Flux2VAE(Flux2VAEConfig.preset("tiny"))
+    vae = Flux2VAE(flux2_vae("tiny"))
     with pytest.raises(ValueError, match="multiples of 2"):
         vae.decode(torch.randn(1, 4, 5, 6))
     with pytest.raises(ValueError, match=r"\(B, 4, H, W\)"):
@@ -400,7 +401,7 @@ def test_wrong_files(tmp_path):
     # Right file, wrong preset: a shape mismatch, reported once.
     p = _save(ref.state_dict(), tmp_path / "tiny.safetensors")
     with pytest.raises(WeightsError, match="do not match|shape mismatch"):
-        load_flux2_vae(p, config="tiny3")
+        load_flux2_vae(p, config=flux2_vae("tiny3"))
 
     pt = tmp_path / "ae.pt"
     pt.write_bytes(b"\x80\x04")

@@ -23,9 +23,10 @@ from krea2kit.models.vae_qwen import (
     QwenImageVAE,
     QwenVAEConfig,
     load_qwen_vae,
-    random_qwen_vae,
     wan_to_diffusers_key,
 )
+from support.presets import QWEN_VAES
+from support.random_models import random_qwen_vae
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLQwenImage  # noqa: E402
@@ -50,7 +51,7 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
 
 
 def _oracle(preset: str, seed: int = 0) -> tuple[QwenVAEConfig, AutoencoderKLQwenImage]:
-    cfg = QwenVAEConfig.preset(preset)
+    cfg = QWEN_VAES[preset]
     ref = AutoencoderKLQwenImage(**cfg.to_diffusers_kwargs()).eval()
     _randomise(ref, seed)
     return cfg, ref
@@ -98,9 +99,7 @@ def test_config_presets():
     assert (q.base_dim, q.z_dim, q.dim_mult, q.num_res_blocks, q.attn_scales) == (96, 16, (1, 2, 4, 4), 2, ())
     assert q.temperal_downsample == (False, True, True) and q.factor == 8
     assert q.latents_mean == QWEN_LATENTS_MEAN and q.latents_std == QWEN_LATENTS_STD
-    n = QwenVAEConfig.preset("nano")
-    assert n.z_dim == 16 and n.factor == 8
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="qwen-image"):
         QwenVAEConfig.preset("nope")
     with pytest.raises(ValueError):
         QwenVAEConfig(z_dim=4)  # statistics of the wrong length
@@ -355,7 +354,7 @@ def test_bad_files(pair, tmp_path):
         load_qwen_vae(tmp_path / "dit.safetensors")
     # Right layout, wrong architecture.
     with pytest.raises(WeightsError, match="shape mismatch|do not match"):
-        load_qwen_vae(folder, config="nano")
+        load_qwen_vae(folder, config=QWEN_VAES["nano"])
     # A truncated file, a missing tensor, a pickle.
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 7)
     with pytest.raises(WeightsError):

@@ -15,8 +15,8 @@ PROMPT = "a fox, walking: in the snow ✓ 漢字"
 
 
 def _meta(prompt=PROMPT, big=False):
-    params = generation_params(steps=8, sampler="euler", cfg_scale=1, seed=42, width=64, height=48,
-                               model="krea2-turbo", cfg_convention="krea", shift_mu=1.15)
+    params = generation_params(steps=8, sampler="euler", guidance=0, seed=42, width=64, height=48,
+                               model="krea2-turbo", shift_mu=1.15)
     recipe = {"prompt": prompt, "seed": 42, "steps": 8, "pad": "x" * (70_000 if big else 10)}
     rec = build_record(recipe=recipe, plugins={"krea2kit": "0.1.0"},
                        filters=[{"kind": "prompt", "action": "allow", "verdicts": []}])
@@ -112,7 +112,7 @@ def test_failure_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, monkeypa
 
     monkeypatch.setattr(Image.Image, "save", half_then_fail)
     with pytest.raises(OutputError, match="disk full"):
-        write_image(im, target, metadata=_meta())
+        write_image(im, target, metadata=_meta(), overwrite=True)
     monkeypatch.setattr(Image.Image, "save", real_save)
     assert target.read_bytes() == b"old image"
     assert os.listdir(tmp_path) == ["keep.png"]
@@ -180,14 +180,44 @@ def test_render_name_default_date_and_slug_field():
     ("{index}.png", {"colour": 1}, "unknown file-name field"),
     ("{seed}.png", {"index": 1}, "needs {seed}"),
     ("{}.png", {"index": 1}, "positional"),
-    ("{index:q}.png", {"index": 1}, "cannot be rendered"),
+    ("{index:q}.png", {"index": 1}, "not allowed"),
     ("../{index}.png", {"index": 1}, "unsafe"),
     ("/abs/{index}.png", {"index": 1}, "unsafe"),
     ("{index", {"index": 1}, "bad file-name template"),
+    # untrusted templates: no huge widths, no attribute/item access, no conversions, no fills
+    ("{index:0300d}", {"index": 1}, "not allowed"),
+    ("{index:013d}", {"index": 1}, "at most 12"),
+    ("{index:{seed}}", {"index": 1, "seed": 2}, "not allowed"),
+    ("{index:/>4}", {"index": 1}, "not allowed"),
+    ("{recipe:300}", {"recipe": "r"}, "not allowed"),
+    ("{date:04d}", {}, "not allowed"),
+    ("{index.__class__}", {"index": 1}, "attribute or index access"),
+    ("{seed[0]}", {"seed": 1}, "attribute or index access"),
+    ("{recipe!r}", {"recipe": "r"}, "conversion"),
+    # names that are not names
+    (".", {}, "unsafe"),
+    ("..", {}, "unsafe"),
+    ("a/./{index}", {"index": 1}, "unsafe"),
+    ("a//{index}", {"index": 1}, "unsafe"),
+    ("{index}/", {"index": 1}, "unsafe"),
+    ("", {}, "empty"),
+    ("a\x00{index}", {"index": 1}, "character"),
+    ("a\n{index}", {"index": 1}, "character"),
+    ("a\\{index}", {"index": 1}, "character"),
 ])
 def test_render_name_errors(template, fields, match):
     with pytest.raises(UsageError, match=match):
         render_name(template, **fields)
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("{index:04d}-{seed:x}", "0007-ff"),
+    ("{index:12}", "           7"),
+    ("{recipe:.3}-{prompt_slug:.5}", "my--a-fox"),
+    ("{{literal}}-{index}", "{literal}-7"),
+])
+def test_render_name_bounded_formats_still_work(template, expected):
+    assert render_name(template, index=7, seed=255, recipe="my recipe", prompt="A fox in snow") == expected
 
 
 def test_values_cannot_escape_the_directory():

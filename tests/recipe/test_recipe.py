@@ -118,9 +118,10 @@ def test_dry_run_plans_seeds_and_sizes(cli_inproc, tmp_path):
 def test_prompts_from_stdin_lines_and_json_lines(cli_inproc, tmp_path):
     cli = cli_inproc
     res = cli("run", "--dry-run", "--json", "--prompt", "-",
-              input='a red cube\n# a comment\n\n{"prompt": "a blue ball"}\n')
+              input='a red cube\n# no comment: a prompt\n\n{"prompt": "a blue ball"}\n')
     assert res.code == 0, res.stderr
-    assert [json.loads(line)["prompt"] for line in res.stdout.splitlines()] == ["a red cube", "a blue ball"]
+    assert [json.loads(line)["prompt"] for line in res.stdout.splitlines()] == [
+        "a red cube", "# no comment: a prompt", "a blue ball"]  # the one rule: README "Prompts from stdin"
     bad = cli("run", "--dry-run", "--prompt", "-", input='{"text": 5}\n')
     assert bad.code == 2 and "line 1" in bad.stderr
     both = cli("run", "-", "--prompt", "-", input="")
@@ -147,4 +148,7 @@ def test_config_command_shows_location_and_values(cli_inproc, tmp_path, isolated
     assert data["model"]["preset"] == "krea2-raw"  # the user's default model
     write(tmp_path / "config.toml", 'default_modle = "x"\n')
     bad = cli("config")
-    assert bad.code == 2 and "config.toml: default_modle:" in bad.stderr and "did you mean 'default_model'" in bad.stderr
+    assert bad.code == 2 and "did you mean 'default_model'" in bad.stderr
+    # The config came from $KREA2KIT_CONFIG: the message names the variable, not its value.
+    assert "$KREA2KIT_CONFIG: default_modle:" in bad.stderr
+    assert isolated_env["KREA2KIT_CONFIG"] not in bad.stderr

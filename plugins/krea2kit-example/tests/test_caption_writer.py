@@ -7,8 +7,9 @@ from PIL import Image
 from pydantic import ValidationError
 
 import krea2kit_example
+from krea2kit.contracts import LoadContext, OutputInfo
 from krea2kit.output.metadata import ImageMetadata, read_image_metadata
-from krea2kit.runtime.outputs import OutputInfo
+from krea2kit.testing import check_plugin
 
 
 def info(prompt):
@@ -17,7 +18,7 @@ def info(prompt):
 
 
 def test_writes_png_with_metadata_and_caption(tmp_path):
-    writer = krea2kit_example.load_writer(krea2kit_example.ExampleOptions(prefix="style, "))
+    writer = krea2kit_example.load_writer(None, LoadContext(plugin_options=krea2kit_example.ExampleOptions(prefix="style, ")))
     path = writer.write(Image.new("RGB", (8, 8), "red"), tmp_path / "img.png", info("a red cube"))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "img.txt").read_text() == "style, a red cube\n"
@@ -26,7 +27,7 @@ def test_writes_png_with_metadata_and_caption(tmp_path):
 
 
 def test_private_prompt_gives_an_empty_caption(tmp_path):
-    writer = krea2kit_example.load_writer()
+    writer = krea2kit_example.load_writer(None, LoadContext())
     writer.write(Image.new("RGB", (8, 8)), tmp_path / "a.png", info(None))
     assert (tmp_path / "a.txt").read_text() == "\n"
 
@@ -36,3 +37,9 @@ def test_options_are_validated():
         krea2kit_example.ExampleOptions(caption_extension="txt")
     with pytest.raises(ValidationError):
         krea2kit_example.ExampleOptions(colour="blue")
+
+
+def test_follows_the_krea2kit_plugin_contract():
+    results = check_plugin(krea2kit_example, "krea2kit-example")  # raises, naming the part, on a failure
+    assert {(r.kind, r.name, r.status) for r in results} == {("writer", "png-caption", "ok"),
+                                                            ("options", "krea2kit-example", "ok")}

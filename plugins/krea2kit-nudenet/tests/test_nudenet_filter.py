@@ -78,8 +78,10 @@ def test_load_accepts_options_model_dict_or_none(monkeypatch):
 
     seen = []
     monkeypatch.setattr(mod, "NudeNetImageFilter", lambda **kw: seen.append(kw) or "built")
-    assert mod.load(mod.NudeNetOptions(threshold=0.2), settings=object()) == "built"
-    assert mod.load({"threshold": 0.7}) == "built" and mod.load(None) == "built"
+    from krea2kit.contracts import LoadContext
+
+    assert mod.load(mod.NudeNetOptions(threshold=0.2), LoadContext(role="filter")) == "built"
+    assert mod.load({"threshold": 0.7}, LoadContext()) == "built" and mod.load(None, LoadContext()) == "built"
     assert seen[0]["threshold"] == 0.2 and seen[1] == {"threshold": 0.7} and seen[2] == {}
 
 
@@ -89,3 +91,16 @@ def test_missing_package_fails_closed(monkeypatch):
         NudeNetImageFilter()
     d = run_filters([load_filter("nudenet", from_config)], Image.new("RGB", (4, 4)), kind="image")
     assert d.blocked and "krea2kit-nudenet" in d.blocking[0].detail
+
+
+def test_follows_the_krea2kit_plugin_contract():
+    """The load signature and the filter's protocol, checked by krea2kit's own checker on a
+    filter around a fake detector (the real one: test_nudenet_real.py)."""
+    from krea2kit.plugins import Host
+    from krea2kit.testing import check_part
+
+    host = Host(load_entry_points=False, extra_plugins=((krea2kit_nudenet, "krea2kit-nudenet"),))
+    (descriptor,) = [d for d in host.registry.all("filter") if d.plugin == "krea2kit-nudenet"]
+    result = check_part(descriptor, registry=host.registry, part=_f([]))
+    assert result.status == "ok", result.line()
+    assert "gray image -> allow" in result.detail

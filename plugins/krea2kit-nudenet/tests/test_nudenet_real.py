@@ -30,3 +30,11 @@ def test_corrupt_model_fails_closed(tmp_path):
         NudeNetImageFilter(model_path=bad, sha256="")
     with pytest.raises(NudeNetLoadError, match="does not exist"):
         NudeNetImageFilter(model_path=tmp_path / "missing.onnx")
+
+
+def test_real_detector_passes_the_plugin_contract_check():
+    import krea2kit_nudenet
+    from krea2kit.testing import check_plugin
+
+    (result,) = check_plugin(krea2kit_nudenet, "krea2kit-nudenet")
+    assert result.status == "ok" and result.kind == "filter", result.line()

@@ -56,14 +56,26 @@ def inspect_cmd(file: str, as_json: bool, strict: bool) -> None:
 @lora_group.command("convert")
 @click.argument("file", type=click.Path(exists=True, dir_okay=True, path_type=str))
 @click.option("--to", "layout", required=True, type=click.Choice(["diffusers", "native", "kohya"]),
-              help="target layout: diffusers (transformer.*), native (diffusion_model.*, ComfyUI/ai-toolkit) or kohya (lora_unet_*)")
+              help="target layout: diffusers (transformer.*, PEFT LoRA or LoKr), native (diffusion_model.*, "
+                   "ComfyUI/ai-toolkit) or kohya (lora_unet_*)")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--dtype", type=click.Choice(list(_DTYPES)), default="keep", show_default=True,
               help="tensor dtype of the written file")
 @click.option("--strict", is_flag=True, help="fail if some keys match no Krea 2 module")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 def convert_cmd(file: str, layout: str, out: str, dtype: str, strict: bool, overwrite: bool) -> None:
-    """Rewrite FILE in another LoRA layout as OUT (the weight change is kept exactly)."""
+    """Rewrite FILE in another LoRA layout as OUT (the weight change is kept: exactly, or to
+    one rounding where a scale is baked into bf16/fp16 weights).
+
+    \b
+    --to diffusers writes what diffusers' load_lora_adapter and PEFT load, with the
+    alpha/rank scale baked into the weights: readers that ignore the file's metadata
+    (ComfyUI, a bare state dict) apply it at the same strength as those that read it.
+    LoKr becomes PEFT LoKr (lokr_w1, lokr_w2 or lokr_w2_a/_b; its LoKrConfig in the
+    lora_adapter_metadata): Krea2Transformer2DModel.load_lora_adapter loads it, but
+    Krea2Pipeline.load_lora_weights (diffusers 0.42) refuses LoKr keys, so call the
+    transformer's method. LoHa, full diffs and DoRA need --to native or kohya.
+    """
     from pathlib import Path
 
     import torch
@@ -78,7 +90,7 @@ def convert_cmd(file: str, layout: str, out: str, dtype: str, strict: bool, over
         raise UsageError("the output would overwrite the input file")
     lora = open_lora(file, get_host().registry.all("lora_format"), strict=strict)
     dt = getattr(torch, _DTYPES[dtype]) if _DTYPES[dtype] else None
-    path = write_lora(lora, out, layout, dtype=dt)
+    path = write_lora(lora, out, layout, dtype=dt, overwrite=overwrite)
     msg = f"wrote {path}: {len(lora)} modules, {lora.layout} -> {layout}"
     if lora.unmatched:
         msg += f" ({len(lora.unmatched)} unmatched keys left out)"

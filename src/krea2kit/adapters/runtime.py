@@ -316,11 +316,12 @@ class MergedWeights:
         self.backup = backup
         self._saved: dict[str, "torch.Tensor"] = {}
         self._applied: dict[str, "torch.Tensor"] = {}  # for backup="none": the float delta added
+        self._storage: dict[str, dict] = {}  # quantized layers (krea2kit.quant): their stored tensors
         self.restored = False
 
     @property
     def modules(self) -> list[str]:
-        return sorted({k.rsplit(".", 1)[0] for k in (self._saved or self._applied)})
+        return sorted({k.rsplit(".", 1)[0] for k in (self._saved or self._applied)} | set(self._storage))
 
     def restore(self) -> None:
         """Put the original weights back (bit-exact unless ``backup="none"``)."""
@@ -328,6 +329,9 @@ class MergedWeights:
 
         if self.restored:
             return
+        for name, state in self._storage.items():  # quantized layers: their storage, bit for bit
+            self.dit.get_submodule(name).load_storage_(state)
+        self._storage.clear()
         with torch.no_grad():
             if self.backup == "none":
                 for pname, delta in self._applied.items():
@@ -384,7 +388,11 @@ def merge_into(
             dora = {i: delta.effective_delta(w) for i, delta in items if delta.magnitude is not None}
             bias_items = [(i, delta.bias_delta(torch.float32, w.device)) for i, delta in items]
             bias_items = [(i, b) for i, b in bias_items if b is not None]
-            targets = [("weight", w)] + ([("bias", mod.bias)] if bias_items else [])
+            # A quantized layer (krea2kit.quant) keeps its stored tensors; its weight is re-quantized below.
+            quantized = hasattr(mod, "requantize_")
+            if quantized:
+                merged._storage[name] = mod.storage_state()
+            targets = ([] if quantized else [("weight", w)]) + ([("bias", mod.bias)] if bias_items else [])
             for leaf, p in targets:
                 pname = f"{name}.{leaf}"
                 if backup == "cpu":
@@ -405,10 +413,13 @@ def merge_into(
                 else:
                     acc.add_(delta.dense(torch.float32, w.device), alpha=s)
             if backup == "none":
-                merged._applied[f"{name}.weight"] = acc
+                if not quantized:
+                    merged._applied[f"{name}.weight"] = acc
                 w.copy_((w.float() + acc).to(w.dtype))
             elif acc is not w:
                 w.copy_(acc.to(w.dtype))
+            if quantized:  # w is this layer's dequantized copy: dequantize -> add -> requantize
+                mod.requantize_(w)
             if bias_items:
                 b = mod.bias
                 bacc = sum(float(pairs[i][1]) * bd for i, bd in bias_items)

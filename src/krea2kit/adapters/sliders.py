@@ -6,7 +6,7 @@ the opposite way (Gandikota et al., arXiv 2311.12092; reference notes
 keeps the slider off during the first part of sampling to preserve composition
 ("start_noise"), hence the optional ``start_step``.
 
-A :class:`Slider` of kind ``"lora-strength"`` binds one or more LoRAs, each with its own
+A :class:`Slider` of kind ``"lora"`` (the ``[[sliders]]`` kind) binds one or more LoRAs, each with its own
 value -> strength mapping (a gain, or piecewise-linear points), and yields per-LoRA
 strength functions ``fn(step, total)`` for :func:`krea2kit.adapters.runtime.attach_adapters`.
 """
@@ -20,7 +20,9 @@ from typing import Mapping, Sequence
 from krea2kit.adapters.runtime import StepSchedule, StrengthFn
 from krea2kit.errors import UsageError
 
-SLIDER_KINDS = ("lora-strength",)
+#: The one name of this slider kind: registered under it (builtins) and written in recipes.
+SLIDER_KIND = "lora"
+SLIDER_KINDS = (SLIDER_KIND,)
 #: default slider range (ai-toolkit's slider samples and ComfyUI use about ±5; notes §2.2).
 DEFAULT_RANGE = (-5.0, 5.0)
 
@@ -70,7 +72,7 @@ class Slider:
     default: float = 0.0
     start_step: int = 0
     end_step: int | None = None
-    kind: str = "lora-strength"
+    kind: str = SLIDER_KIND
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -83,6 +85,11 @@ class Slider:
         if not self.bindings:
             raise UsageError(f"slider {self.name!r} binds no LoRA")
         self.check(self.default)
+
+    @property
+    def loras(self) -> tuple[str, ...]:
+        """The LoRA names this slider drives, in binding order (one each)."""
+        return tuple(dict.fromkeys(b.lora for b in self.bindings))
 
     def check(self, value: float) -> float:
         lo, hi = self.range
@@ -105,31 +112,40 @@ class Slider:
     @classmethod
     def from_dict(cls, name: str, data: Mapping) -> "Slider":
         """From a recipe table, e.g. ``{lora = "age.safetensors", range = [-5, 5], default = 0,
-        start_step = 1}`` or ``{loras = [{lora = "a", gain = 1}, {lora = "b", points = [[-1, -0.5], [1, 2]]}]}``."""
-        known = {"kind", "lora", "gain", "points", "loras", "range", "default", "start_step", "end_step", "description"}
-        extra = set(data) - known
+        start_step = 1}`` or ``{loras = [{lora = "a", gain = 1}, {lora = "b", points = [[-1, -0.5], [1, 2]]}]}``,
+        validated by the one schema of the kind, :class:`krea2kit.parts.sliders.LoraSliderOptions`."""
+        from pydantic import ValidationError
+
+        from krea2kit.parts.sliders import LoraSliderOptions
+
+        table = dict(data)
+        kind = str(table.pop("kind", SLIDER_KIND))
+        extra = set(table) - set(LoraSliderOptions.model_fields)
         if extra:
             raise UsageError(f"slider {name!r}: unknown fields {', '.join(sorted(extra))}")
-        if "loras" in data:
-            items = data["loras"]
-        elif "lora" in data:
-            items = [{"lora": data["lora"], "gain": data.get("gain", 1.0), "points": data.get("points")}]
-        else:
-            raise UsageError(f"slider {name!r} needs 'lora' or 'loras'")
+        try:
+            options = LoraSliderOptions.model_validate(table)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise UsageError(f"slider {name!r}: {where + ': ' if where else ''}{first['msg']}") from None
+        return cls.from_options(name, options, kind=kind)
+
+    @classmethod
+    def from_options(cls, name: str, options, *, kind: str | None = None) -> "Slider":
+        """From validated :class:`krea2kit.parts.sliders.LoraSliderOptions` (a ``[[sliders]]``
+        entry of kind "lora")."""
+        items = options.loras if options.loras is not None else [
+            {"lora": options.lora, "gain": options.gain, "points": options.points}]
         bindings = []
         for it in items:
-            if isinstance(it, str):
-                it = {"lora": it}
+            it = {"lora": it} if isinstance(it, str) else (it if isinstance(it, dict) else it.model_dump())
             pts = it.get("points")
             bindings.append(SliderBinding(str(it["lora"]), float(it.get("gain", 1.0)),
                                           tuple(tuple(p) for p in pts) if pts is not None else None))
-        rng = tuple(data.get("range", DEFAULT_RANGE))
-        if len(rng) != 2:
-            raise UsageError(f"slider {name!r}: range must be [min, max]")
-        return cls(name=name, bindings=tuple(bindings), range=rng, default=float(data.get("default", 0.0)),
-                   start_step=int(data.get("start_step", 0)),
-                   end_step=None if data.get("end_step") is None else int(data["end_step"]),
-                   kind=str(data.get("kind", "lora-strength")), description=str(data.get("description", "")))
+        return cls(name=name, bindings=tuple(bindings), range=tuple(options.range), default=float(options.default),
+                   start_step=options.start_step, end_step=options.end_step, kind=kind or SLIDER_KIND,
+                   description=options.description)
 
 
 @dataclass

@@ -18,7 +18,9 @@ Exit codes:
   2    usage or recipe error (found before any weights load)
   3    at least one prompt or image was blocked by a content filter
   4    weights missing, corrupt or not the expected model
-  130  interrupted (Ctrl-C); finished images are kept, no partial file"""
+  130  interrupted (Ctrl-C); finished images are kept, no partial file
+  141  stdout was closed by its reader (e.g. | head -1); the run stopped at once
+  143  terminated (SIGTERM); handled like Ctrl-C"""
 
 verbosity = [
     click.option("-q", "--quiet", count=True, help="No progress or summary (-qq: errors only)."),
@@ -64,35 +66,33 @@ def cli(ctx: click.Context, color: str, quiet: int, verbose: int) -> None:
 
 
 # --------------------------------------------------------------------------- run
-def _read_stdin_prompts() -> list[str]:
-    """Prompts from stdin: one per line, or JSON lines with a "prompt" (or "text") field."""
-    prompts = []
-    for n, line in enumerate(sys.stdin.read().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("{"):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"stdin line {n}: invalid JSON: {exc}", key="--prompt") from None
-            text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise UsageError(f"stdin line {n}: a JSON line needs a \"prompt\" string", key="--prompt")
-            prompts.append(text)
-        else:
-            prompts.append(line)
+STDIN_PROMPTS_HELP = """\b
+--prompt - reads prompts from stdin (UTF-8), one rule per line:
+  blank line             skipped
+  {"prompt": ..., ...}   a line starting with '{' is a JSON record with prompt (or text)
+                         and optionally negative, seed, count, width, height, name,
+                         checked like a [[prompts]] entry; anything else in it is an error
+  any other line         one prompt, exactly as written ('#' starts no comment)
+A prompt that itself starts with '{' is given as a record: {"prompt": "{...}"}."""
+
+
+def _read_stdin_prompts() -> list:
+    """Prompts (strings and [[prompts]]-shaped records) from stdin; see STDIN_PROMPTS_HELP."""
+    from krea2kit.recipe.loader import parse_prompt_lines, read_stdin_text
+
+    prompts = parse_prompt_lines(read_stdin_text("prompts for --prompt -"))
     if not prompts:
         raise UsageError("--prompt - was given but stdin holds no prompt", key="--prompt")
     return prompts
 
 
-@cli.command(epilog=EXIT_CODES_HELP)
+@cli.command(epilog=STDIN_PROMPTS_HELP + "\n\n" + EXIT_CODES_HELP)
 @click.argument("recipe", required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, typed like TOML: --set sampler.steps=4 (repeatable).")
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="Replace the recipe's prompts (repeatable); '-' reads one prompt per line (or JSON lines) from stdin.")
+              help="Replace the recipe's prompts (repeatable); '-' reads them from stdin, one per line "
+                   "(JSON records allowed; rule below).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image on stdout instead of its path.")
 @click.option("--dry-run", is_flag=True, help="Validate and list the images that would be made; load nothing.")
 @click.option("--sweep", "sweeps", multiple=True, metavar="NAME=A:B:N",
@@ -102,9 +102,15 @@ def _read_stdin_prompts() -> list[str]:
 def run(ctx, recipe, overrides, prompts, as_json, dry_run, sweeps, quiet, verbose):
     """Generate the images a RECIPE describes.
 
-    RECIPE is a TOML file, '-' for stdin, or an image krea2kit wrote (its embedded
-    recipe is re-run). Without RECIPE, the default model's defaults are used
-    (give --prompt).
+    RECIPE is a TOML file, '-' for stdin, or an image krea2kit wrote: its embedded
+    recipe is re-run as untrusted input, taking prompts, seeds, sizes, model and sampler
+    settings, sliders and LoRA names from it; output folder, file names, overwrite, file
+    paths (give LoRA files with --set loras.N.path=FILE) and safety settings stay yours,
+    and every key it ignores is listed on stderr. Without RECIPE, the default model's
+    defaults are used (give --prompt).
+
+    Plain results on stdout are one line per image; control characters and line breaks
+    in a path or prompt are shown as backslash escapes (--json gives exact values).
     """
     from krea2kit.cli.run_cmd import run_command
 
@@ -120,25 +126,62 @@ def run(ctx, recipe, overrides, prompts, as_json, dry_run, sweeps, quiet, verbos
 
 # --------------------------------------------------------------------------- plugins
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing (or the --check report) as JSON.")
+@click.option("--check", is_flag=True,
+              help="Load every registered part with a tiny input and check it against its protocol "
+                   "(imports torch; exit 1 when a part fails).")
 @click.pass_context
-def plugins(ctx, as_json):
-    """List loaded plugins, their distribution, version and what each registers."""
-    from krea2kit.plugins import get_host
+def plugins(ctx, as_json, check):
+    """List loaded plugins, their distribution, version and what each registers.
+
+    The plugin contract version (krea2kit.contracts) is shown first; a plugin may state the
+    one it needs with KREA2KIT_CONTRACT in its module.
+    """
+    from krea2kit.plugins import contract_json, get_host
 
     out: Output = ctx.obj
     host = get_host()
+    if check:
+        ctx.exit(_check_plugins(out, host, as_json))
     infos = [info.to_json() for info in host.plugins.values()]
+    contract = contract_json()
     if as_json:
-        out.data(json.dumps(infos, indent=2))
+        out.data(json.dumps({"contract": contract, "plugins": infos}, indent=2))
         return
+    out.info(f"plugin contract {contract['version']} (plugins stating {contract['oldest_supported']} to "
+             f"{contract['version']} load; reference: {contract['reference']})")
     for info in infos:
         origin = "built-in" if info["builtin"] else f"{info['distribution']} {info['version']}".strip()
-        out.data(f"{info['name']} ({origin})")
+        needs = f", contract {info['contract']}" if info["contract"] is not None else ""
+        out.data(f"{info['name']} ({origin}{needs})")
         for kind, names in info["registers"].items():
             out.data(f"  {kind}: {', '.join(names)}")
         if info["commands"]:
             out.data(f"  commands: {', '.join(info['commands'])}")
+
+
+def _check_plugins(out: Output, host, as_json: bool) -> int:
+    """``plugins --check``: one line (or JSON object) per part on stdout; 1 when any fails."""
+    from krea2kit.errors import EXIT_RUNTIME
+    from krea2kit.plugins import contract_json
+    from krea2kit.settings import get_settings
+    from krea2kit.testing import FAIL, check_registry
+
+    results = check_registry(host.registry, settings=get_settings())
+    failed = [r for r in results if r.status == FAIL]
+    if as_json:
+        out.data(json.dumps({"contract": contract_json(), "ok": not failed,
+                             "parts": [r.to_json() for r in results]}, indent=2))
+    else:
+        for r in results:
+            out.data(r.line())
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skip", "fail")}
+    summary = f"{counts['ok']} ok, {counts['skip']} skipped, {counts['fail']} failed"
+    if failed:
+        out.error(f"plugin check: {summary}: " + "; ".join(f"{r.kind} {r.plugin}:{r.name}" for r in failed))
+        return EXIT_RUNTIME
+    out.info(f"plugin check: {summary}")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- recipe
@@ -154,9 +197,10 @@ def recipe():
 def recipe_check(ctx, file, overrides):
     """Validate FILE ('-' = stdin) against the schema and the installed plugins."""
     from krea2kit.api import Session
+    from krea2kit.cli.run_cmd import load_and_report
 
     out: Output = ctx.obj
-    plan = Session().plan(file, overrides=overrides)
+    plan = Session().plan(load_and_report(out, file, list(overrides)))
     out.info(f"ok: {plan.loaded.path}: {len(plan.jobs)} image(s) with {plan.model.name}, "
              f"{plan.recipe.sampler.name} {plan.steps} steps")
 
@@ -169,9 +213,10 @@ def recipe_check(ctx, file, overrides):
 def recipe_show(ctx, file, overrides, as_json):
     """Print the fully resolved recipe (defaults and overrides applied) of FILE or an image."""
     from krea2kit.api import Session
+    from krea2kit.cli.run_cmd import load_and_report
 
     out: Output = ctx.obj
-    plan = Session().plan(file, overrides=overrides)
+    plan = Session().plan(load_and_report(out, file, list(overrides)))
     data = plan.resolved()
     if as_json:
         out.data(json.dumps(data, indent=2))
@@ -221,7 +266,9 @@ def config(ctx, path_only, as_json):
     if as_json:
         out.data(json.dumps({"path": str(path), "exists": path.is_file(), "settings": data}, indent=2))
         return
-    out.info(f"# {path} ({'exists' if path.is_file() else 'not created yet'}; ${ENV_CONFIG} overrides the location)")
+    from krea2kit.env_values import hide  # $KREA2KIT_CONFIG's value is not repeated on stderr
+
+    out.info(hide(f"# {path} ({'exists' if path.is_file() else 'not created yet'}; ${ENV_CONFIG} overrides the location)"))
     out.data(dump_toml(data).rstrip("\n"))
 
 

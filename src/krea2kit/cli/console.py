@@ -8,11 +8,58 @@ the stdout stream captured here.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
 from rich.console import Console
+
+from krea2kit.errors import StdoutClosed
+
+# Characters that must never reach stdout raw: C0/C1 controls (newlines, ESC, ...), the
+# Unicode line and paragraph separators (str.splitlines and many readers break lines
+# there) and the bidirectional overrides (they make a terminal show a different text).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match) -> str:
+    ch = match.group()
+    if ch in _SHORT:
+        return _SHORT[ch]
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_line(text: str) -> str:
+    """``text`` with control characters and line breaks written as backslash escapes
+    (``\\n``, ``\\x1b``, ``\\u2028``), so a path or prompt from a file is always one
+    inert stdout line. Other characters, backslashes included, are left as they are."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def stdout_closed(stream) -> bool:
+    """True when ``stream`` is a pipe whose reader has gone (``| head -1`` has exited).
+
+    poll() reports POLLERR on the write end of a pipe without readers (Linux) or POLLHUP
+    (BSD, macOS); files and terminals never do. Where poll is missing, say no."""
+    import select
+
+    if not hasattr(select, "poll"):
+        return False
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's StringIO)
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # errors and hang-ups are always reported
+    try:
+        events = poller.poll(0)
+    except OSError:
+        return False
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in events)
 
 
 @dataclass
@@ -26,7 +73,8 @@ class Output:
     @property
     def err(self) -> Console:
         if self._err is None:
-            no_color = self.color == "never" or ("NO_COLOR" in os.environ and self.color != "always")
+            # no-color.org: only a non-empty NO_COLOR turns colour off (an empty one is "unset").
+            no_color = self.color == "never" or (bool(os.environ.get("NO_COLOR")) and self.color != "always")
             force = True if self.color == "always" else None
             self._err = Console(stderr=True, no_color=no_color, force_terminal=force, highlight=False,
                                 soft_wrap=True)
@@ -38,9 +86,21 @@ class Output:
         return self.err.is_terminal and not self.quiet and os.environ.get("TERM") != "dumb"
 
     def data(self, line: str) -> None:
-        """One line of data on stdout, flushed so pipes see it as soon as it exists."""
-        self.stdout.write(line + "\n")
-        self.stdout.flush()
+        """One line of data on stdout, flushed so pipes see it as soon as it exists.
+
+        A reader that went away raises :class:`StdoutClosed` (the CLI exits quietly)."""
+        try:
+            self.stdout.write(line + "\n")
+            self.stdout.flush()
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError) or exc.errno == errno.EPIPE:
+                raise StdoutClosed() from None
+            raise
+
+    def ensure_stdout_open(self) -> None:
+        """Stop before more work when nobody reads the results any more."""
+        if stdout_closed(self.stdout):
+            raise StdoutClosed()
 
     def info(self, message: str) -> None:
         if not self.quiet:

@@ -7,7 +7,7 @@ import math
 import time
 from typing import Any
 
-from krea2kit.cli.console import Output
+from krea2kit.cli.console import Output, escape_line
 from krea2kit.errors import EXIT_BLOCKED, EXIT_OK, UsageError
 
 
@@ -68,13 +68,19 @@ class Progress:
 
     def __call__(self, event: str, **data: Any) -> None:
         out = self.out
+        if event in ("load", "job_start", "step"):
+            # `| head -1` has read what it wanted: stop before more work, not after the
+            # next image is rendered and its path cannot be delivered.
+            out.ensure_stdout_open()
+        from krea2kit.env_values import hide  # a location from $VAR is shown as $VAR, not its value
+
         if event == "warning":
             if self.bar is not None and out.quiet < 2:
-                self.bar.console.print(f"warning: {data['message']}", style="yellow", markup=False)
+                self.bar.console.print(f"warning: {hide(data['message'])}", style="yellow", markup=False)
             else:
-                out.warn(data["message"])
+                out.warn(hide(data["message"]))
         elif event == "load":
-            self.log(f"loading {data['role'].replace('_', ' ')} {data['name']} from {data['location']} ({data['found_by']})")
+            self.log(hide(f"loading {data['role'].replace('_', ' ')} {data['name']} from {data['location']} ({data['found_by']})"))
         elif event == "loaded":
             out.debug(f"  {data['role']} ready in {data['seconds']:.2f} s")
         elif event == "job_start":
@@ -129,6 +135,21 @@ def parse_sweep(text: str) -> tuple[str, list[float]]:
     return name.strip(), [a + (b - a) * i / (n - 1) for i in range(n)]
 
 
+def load_and_report(out: Output, source: str | None, overrides: list[str]):
+    """Load a recipe; for one read from an image, say on stderr which of its keys were
+    ignored (one line), before anything else can fail."""
+    from krea2kit.api import load_recipe
+    from krea2kit.recipe.loader import image_lora_mismatches
+
+    loaded = load_recipe(source, overrides=overrides)
+    if loaded.dropped:
+        keys = ", ".join(loaded.dropped)
+        out.warn(f"{loaded.path}: keys of the image's recipe ignored, local settings apply: {keys}")
+    for note in image_lora_mismatches(loaded):
+        out.warn(note)
+    return loaded
+
+
 def run_command(out: Output, recipe: str | None, overrides: list[str], prompts: list[str], *,
                 as_json: bool, dry_run: bool, sweeps: list[str]) -> int:
     from krea2kit.api import Session
@@ -137,15 +158,23 @@ def run_command(out: Output, recipe: str | None, overrides: list[str], prompts: 
     if sweeps:
         from krea2kit.cli.sweep import run_sweep
 
-        return run_sweep(out, session, recipe, overrides, prompts, [parse_sweep(s) for s in sweeps], as_json=as_json)
-    plan = session.plan(recipe, overrides=overrides, prompts=prompts or None)
+        return run_sweep(out, session, recipe, overrides, prompts, [parse_sweep(s) for s in sweeps], as_json=as_json,
+                         dry_run=dry_run)
+    plan = session.plan(load_and_report(out, recipe, overrides), prompts=prompts or None)
     if dry_run:
-        for job in plan.jobs:
-            out.data(json.dumps(_job_json(job, plan)) if as_json else
-                     f"{job.index}\t{job.seed}\t{job.width}x{job.height}\t{job.prompt}")
+        print_dry_run(out, plan, as_json=as_json)
         out.info(f"dry run: {len(plan.jobs)} image(s) with {plan.model.name}; nothing loaded")
         return EXIT_OK
     return execute(out, session, plan, as_json=as_json)
+
+
+def print_dry_run(out: Output, plan, *, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    """One stdout line per planned image: a JSON object, or index, seed, size and prompt."""
+    for job in plan.jobs:
+        if as_json:
+            out.data(json.dumps({**_job_json(job, plan), **(extra or {})}))
+        else:
+            out.data(f"{job.index}\t{job.seed}\t{job.width}x{job.height}\t{escape_line(job.prompt)}")
 
 
 def execute(out: Output, session, plan, *, as_json: bool) -> int:
@@ -165,7 +194,7 @@ def execute_collect(out: Output, session, plan, *, as_json: bool) -> list:
         for record in session.run(plan, events=progress):
             records.append(record)
             if record.status == "ok":
-                progress.result(json.dumps(record.to_json()) if as_json else record.path)
+                progress.result(json.dumps(record.to_json()) if as_json else escape_line(record.path))
             elif as_json:
                 progress.result(json.dumps(record.to_json()))
     _summary(out, records, time.perf_counter() - started)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from krea2kit.cli.console import Output
+from krea2kit.cli.console import Output, escape_line
 from krea2kit.errors import EXIT_BLOCKED, EXIT_OK, UsageError
 
 LABEL_HEIGHT = 14
@@ -43,18 +43,23 @@ def contact_sheet(rows: list[list], labels: list[str]):
     return sheet
 
 
-def run_sweep(out: Output, session, recipe, overrides, prompts, sweeps, *, as_json: bool) -> int:
-    from PIL import Image
-
-    from krea2kit.cli.run_cmd import execute_collect
-    from krea2kit.output.metadata import ImageMetadata, build_record
-    from krea2kit.output.writers import write_image
-
+def run_sweep(out: Output, session, recipe, overrides, prompts, sweeps, *, as_json: bool,
+              dry_run: bool = False) -> int:
     if len(sweeps) != 1:
         raise UsageError("one --sweep at a time", key="--sweep")
     name, values = sweeps[0]
     base = session.plan(recipe, overrides=overrides, prompts=prompts or None)
     index = _slider_index(base, name)
+    if dry_run:
+        return _dry_run(out, session, recipe, overrides, prompts, name, index, values, as_json=as_json)
+
+    from PIL import Image
+
+    from krea2kit.cli.run_cmd import execute_collect
+    from krea2kit.output.metadata import ImageMetadata, build_record
+    from krea2kit.output.writers import write_image
+    from krea2kit.recipe.trust import portable_recipe
+
     grid: list[list] = [[None] * len(values) for _ in base.jobs]
     records_all = []
     blocked = False
@@ -71,10 +76,28 @@ def run_sweep(out: Output, session, recipe, overrides, prompts, sweeps, *, as_js
     labels = [f"{name}={v:g}" for v in values]
     sheet = contact_sheet(grid, labels)
     target = Path(base.recipe.output.dir) / f"{base.name}-sweep-{name}.png"
+    portable = portable_recipe(base.resolved(), local_paths=session.settings.metadata.local_paths)
     meta = ImageMetadata(parameters=None, krea2kit=build_record(
-        recipe=base.resolved(), extra={"sweep": {"slider": name, "values": values,
-                                                 "images": [r.path for r in records_all]}}))
-    write_image(sheet, target, format="png", metadata=meta)
-    out.data(json.dumps({"contact_sheet": str(target), "slider": name, "values": values}) if as_json else str(target))
+        recipe=portable, extra={"sweep": {"slider": name, "values": values,
+                                          "images": [r.path for r in records_all]}}))
+    # The recipe's overwrite rule applies to the sheet too: the next free -2, -3 … otherwise.
+    overwrite = base.recipe.output.overwrite
+    target = write_image(sheet, target, format="png", metadata=meta, overwrite=overwrite, numbered=not overwrite)
+    out.data(json.dumps({"contact_sheet": str(target), "slider": name, "values": values}) if as_json
+             else escape_line(str(target)))
     out.info(f"contact sheet: {target}")
     return EXIT_BLOCKED if blocked else EXIT_OK
+
+
+def _dry_run(out: Output, session, recipe, overrides, prompts, name, index, values, *, as_json: bool) -> int:
+    """Plan every column of the sweep (so each slider value is validated) and list the
+    images; load no part and write nothing."""
+    from krea2kit.cli.run_cmd import print_dry_run
+
+    total = 0
+    for value in values:
+        plan = session.plan(recipe, overrides=[*overrides, f"sliders.{index}.value={value!r}"], prompts=prompts or None)
+        print_dry_run(out, plan, as_json=as_json, extra={"slider": name, "value": value})
+        total += len(plan.jobs)
+    out.info(f"dry run: {total} image(s) in a {len(values)}-column sweep of {name!r}; nothing loaded")
+    return EXIT_OK

@@ -23,8 +23,9 @@ def vae():
 @click.option("--tile", default="auto", show_default=True, help="'auto', 'off' or a tile size in pixels.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the path and PSNR.")
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
 @click.pass_context
-def roundtrip(ctx, image, vae_name, weights, model_name, out_path, tile, device, as_json):
+def roundtrip(ctx, image, vae_name, weights, model_name, out_path, tile, device, as_json, overwrite):
     """Encode IMAGE with a VAE, decode it again, save the result and print the PSNR."""
     from pathlib import Path
 
@@ -32,7 +33,7 @@ def roundtrip(ctx, image, vae_name, weights, model_name, out_path, tile, device,
     from krea2kit.locate import locate_weights
     from krea2kit.pipeline import pick_device, pick_dtype
     from krea2kit.plugins import get_host
-    from krea2kit.runtime.vae_tools import roundtrip_image
+    from krea2kit.runtime.vae_tools import check_destination, roundtrip_image
     from krea2kit.settings import get_settings
 
     out: Output = ctx.find_object(Output) or Output()
@@ -55,11 +56,18 @@ def roundtrip(ctx, image, vae_name, weights, model_name, out_path, tile, device,
         config = ""
     if tile not in {"auto", "off"} and not tile.isdigit():
         raise UsageError("--tile must be 'auto', 'off' or a number of pixels", key="--tile")
-    dev = pick_device(device)
-    part = descriptor.load_part(weights, config=config, dtype=pick_dtype("float32", dev), device=dev, options=None)
     src = Path(image)
     dest = Path(out_path) if out_path else src.with_name(f"{src.stem}-roundtrip.png")
-    result = roundtrip_image(part, src, dest, tile=None if tile == "off" else (tile if tile == "auto" else int(tile)))
+    check_destination(src, dest, overwrite=overwrite)  # before any weights load
+    dev = pick_device(device)
+    from krea2kit.contracts import LoadContext
+
+    part = descriptor.load_part(None, LoadContext(role="vae", name=descriptor.name, location=str(weights),
+                                                  config=config, dtype=pick_dtype("float32", dev), device=dev,
+                                                  settings=settings))
+    result = roundtrip_image(part, src, dest, tile=None if tile == "off" else (tile if tile == "auto" else int(tile)),
+                             overwrite=overwrite)
+    dest = result["path"]
     for note in result["notes"]:
         out.warn(note)
     if as_json:

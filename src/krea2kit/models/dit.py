@@ -229,18 +229,10 @@ class DiTConfig:
 # The official 12.8B config (inference.py `single_mmdit_large_wide`); Raw and Turbo share it.
 _OFFICIAL = DiTConfig()
 
+# Real models only (test sizes: tests/support/presets.py; bench sizes: bench/dit_sizes.py).
 PRESETS: dict[str, DiTConfig] = {
     "krea2-raw": _OFFICIAL,
     "krea2-turbo": replace(_OFFICIAL),
-    # Test sizes: every code path of the full model (GQA, 3 taps, 2+2 text blocks), tiny.
-    "tiny": DiTConfig(features=64, heads=2, kvheads=1, layers=2, tdim=32, txtdim=64, txtheads=2,
-                      txtkvheads=2, txtlayers=3),
-    # Smallest model the official code can build: head dim 16, MLP hidden 128 (golden fixture).
-    "micro": DiTConfig(features=32, heads=2, kvheads=1, layers=2, tdim=16, txtdim=16, txtheads=1,
-                       txtkvheads=1, txtlayers=3),
-    # Mid size for CPU benchmarks: width 1024, 4 blocks, 8 heads / 2 KV heads (head dim 128).
-    "bench-1024": DiTConfig(features=1024, heads=8, kvheads=2, layers=4, txtdim=1024, txtheads=8,
-                            txtkvheads=8),
 }
 
 

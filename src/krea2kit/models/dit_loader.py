@@ -9,7 +9,8 @@ Layouts, detected from the keys (see the reference notes, krea2_ecosystem.md §0
 * ``diffusers``: the ``transformer/`` folder of the official HF repos (``img_in``,
   ``transformer_blocks.N.attn.to_q`` ..., sharded with an index JSON and a config.json).
   The mapping is 1:1 over all 430 tensors; the one non-rename is
-  ``transformer_blocks.N.scale_shift_table`` (6, F) <-> ``blocks.N.mod.lin`` (6F,).
+  ``transformer_blocks.N.scale_shift_table`` (6, F) <-> ``blocks.N.mod.lin`` (6F,). The name
+  table is :mod:`krea2kit.models.key_names`.
 
 The model is built on the meta device and each tensor is assigned once, straight from the
 memory-mapped file (:func:`krea2kit.models.weights.assign_weights`), so peak memory stays
@@ -19,141 +20,22 @@ near one copy of the weights.
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from krea2kit.errors import WeightsError
 from krea2kit.models.dit import DiTConfig, SingleStreamDiT, build_meta, swiglu_hidden
+from krea2kit.models.key_names import (  # noqa: F401  (re-exported: the loader's public names)
+    COMFY_PREFIXES,
+    DIFFUSERS_COMPONENT_PREFIX,
+    diffusers_to_native,
+    native_to_diffusers,
+)
 from krea2kit.models.weights import Checkpoint, assign_weights, guess_checkpoint_kind, open_checkpoint
 
+# Native <-> diffusers names come from the one table in krea2kit.models.key_names, shared
+# with the LoRA reader. A file's layout is told by where its text-fusion projector sits.
 NATIVE_SIGNATURE = "txtfusion.projector.weight"
-DIFFUSERS_SIGNATURE = "text_fusion.projector.weight"
-COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-# ---------------------------------------------------------------------------
-# Key mapping, native <-> diffusers (reference notes §3.3; diffusers' Krea 2 LoRA converter).
-# Works on parameter keys and on module paths, with or without a trailing suffix
-# (``blocks.0.attn.wq``, ``blocks.0.attn.wq.weight``, ``blocks.0.attn.wq.lora_A.weight``).
-
-_BLOCK_MODULES = {  # inside blocks.N. / txtfusion.<group>.N.
-    "prenorm": "norm1",
-    "postnorm": "norm2",
-    "attn.wq": "attn.to_q",
-    "attn.wk": "attn.to_k",
-    "attn.wv": "attn.to_v",
-    "attn.gate": "attn.to_gate",
-    "attn.wo": "attn.to_out.0",
-    "attn.qknorm.qnorm": "attn.norm_q",
-    "attn.qknorm.knorm": "attn.norm_k",
-    "mlp.gate": "ff.gate",
-    "mlp.up": "ff.up",
-    "mlp.down": "ff.down",
-    "attn": "attn",
-    "mlp": "ff",
-}
-_TOP_MODULES = {
-    "first": "img_in",
-    "tmlp.0": "time_embed.linear_1",
-    "tmlp.2": "time_embed.linear_2",
-    "tmlp": "time_embed",
-    "tproj.1": "time_mod_proj",
-    "txtmlp.0": "txt_in.norm",
-    "txtmlp.1": "txt_in.linear_1",
-    "txtmlp.3": "txt_in.linear_2",
-    "txtmlp": "txt_in",
-    "txtfusion.projector": "text_fusion.projector",
-    "last.norm": "final_layer.norm",
-    "last.linear": "final_layer.linear",
-    "last": "final_layer",
-}
-# RMSNorm parameters are called ``scale`` natively and ``weight`` in diffusers (handled in
-# _map_rest); ``blocks.N.mod.lin`` and ``last.modulation.lin`` are special-cased below.
-
-# Container modules map only as whole paths (their children are listed one by one above).
-_CONTAINERS = {"attn", "mlp", "ff", "tmlp", "time_embed", "txtmlp", "txt_in", "last", "final_layer"}
-
-_NATIVE_BLOCK = re.compile(r"^blocks\.(\d+)(?:\.(.*))?$")
-_NATIVE_TXT = re.compile(r"^txtfusion\.(layerwise_blocks|refiner_blocks)\.(\d+)(?:\.(.*))?$")
-_DIFF_BLOCK = re.compile(r"^transformer_blocks\.(\d+)(?:\.(.*))?$")
-_DIFF_TXT = re.compile(r"^text_fusion\.(layerwise_blocks|refiner_blocks)\.(\d+)(?:\.(.*))?$")
-
-
-def _map_rest(rest: str, modules: dict[str, str], src_norms: set[str], src_leaf: str, dst_leaf: str) -> str | None:
-    """Map ``<module path>[.<suffix>]`` with the longest matching module path."""
-    for src in sorted(modules, key=len, reverse=True):
-        if rest == src or (src not in _CONTAINERS and rest.startswith(src + ".")):
-            suffix = rest[len(src):]
-            if src in src_norms and suffix == "." + src_leaf:
-                suffix = "." + dst_leaf
-            return modules[src] + suffix
-    return None
-
-
-@dataclass(frozen=True)
-class _Naming:
-    """One direction of the native <-> diffusers translation (both are built from the
-    same tables, so they cannot drift apart)."""
-
-    block: re.Pattern
-    txt: re.Pattern
-    block_out: str  # e.g. "transformer_blocks.{idx}"
-    txt_out: str  # e.g. "text_fusion.{group}.{idx}"
-    block_modules: dict[str, str]
-    top_modules: dict[str, str]
-    block_norms: frozenset[str]
-    top_norms: frozenset[str]
-    leaf: tuple[str, str]  # RMSNorm parameter name: (source, destination)
-    specials: dict[str, str]  # whole keys and in-block suffixes that are not renames
-
-
-_BLOCK_NORMS = ("prenorm", "postnorm", "attn.qknorm.qnorm", "attn.qknorm.knorm")
-_TOP_NORMS = ("txtmlp.0", "last.norm")
-_TO_DIFFUSERS = _Naming(
-    _NATIVE_BLOCK, _NATIVE_TXT, "transformer_blocks.{idx}", "text_fusion.{group}.{idx}",
-    _BLOCK_MODULES, _TOP_MODULES, frozenset(_BLOCK_NORMS), frozenset(_TOP_NORMS), ("scale", "weight"),
-    {"mod.lin": "scale_shift_table", "last.modulation.lin": "final_layer.scale_shift_table", "txtfusion": "text_fusion"},
-)
-_TO_NATIVE = _Naming(
-    _DIFF_BLOCK, _DIFF_TXT, "blocks.{idx}", "txtfusion.{group}.{idx}",
-    {v: k for k, v in _BLOCK_MODULES.items()}, {v: k for k, v in _TOP_MODULES.items()},
-    frozenset(_BLOCK_MODULES[n] for n in _BLOCK_NORMS), frozenset(_TOP_MODULES[n] for n in _TOP_NORMS),
-    ("weight", "scale"),
-    {v: k for k, v in _TO_DIFFUSERS.specials.items()},
-)
-
-
-def _translate(key: str, naming: _Naming) -> str:
-    for pattern, out in ((naming.block, naming.block_out), (naming.txt, naming.txt_out)):
-        m = pattern.match(key)
-        if not m:
-            continue
-        *head, rest = m.groups()
-        prefix = out.format(idx=head[-1], group=head[0])
-        if rest is None:
-            return prefix
-        if pattern is naming.block and rest in naming.specials:  # mod.lin <-> scale_shift_table
-            return f"{prefix}.{naming.specials[rest]}"
-        mapped = _map_rest(rest, naming.block_modules, naming.block_norms, *naming.leaf)
-        if mapped is None:
-            raise KeyError(key)
-        return f"{prefix}.{mapped}"
-    if key in naming.specials:
-        return naming.specials[key]
-    mapped = _map_rest(key, naming.top_modules, naming.top_norms, *naming.leaf)
-    if mapped is None:
-        raise KeyError(key)
-    return mapped
-
-
-def native_to_diffusers(key: str) -> str:
-    """Native (official/ComfyUI) key or module path -> diffusers name. Raises KeyError if unknown."""
-    return _translate(key, _TO_DIFFUSERS)
-
-
-def diffusers_to_native(key: str) -> str:
-    """Diffusers key or module path -> native (official) name. Raises KeyError if unknown."""
-    return _translate(key, _TO_NATIVE)
+DIFFUSERS_SIGNATURE = native_to_diffusers(NATIVE_SIGNATURE)
 
 
 # ---------------------------------------------------------------------------
@@ -170,7 +52,7 @@ def detect_layout(keys: list[str]) -> tuple[str, str]:
                 return "comfyui", prefix
         if k.endswith(DIFFUSERS_SIGNATURE):
             prefix = k[: -len(DIFFUSERS_SIGNATURE)]
-            if prefix in ("", "transformer."):
+            if prefix in ("", DIFFUSERS_COMPONENT_PREFIX):
                 return "diffusers", prefix
     raise WeightsError(f"not a Krea 2 transformer: this file looks like {guess_checkpoint_kind(keys)}")
 
@@ -284,6 +166,12 @@ def load_dit(
             file=str(p),
             hint=f"point at its transformer/ subfolder: {p / 'transformer'}",
         )
+    from krea2kit.quant.detect import detect_quantization, is_gguf
+
+    if is_gguf(p):  # community GGUF files: read by krea2kit.quant (the gguf package)
+        from krea2kit.quant.load import load_gguf_dit
+
+        return load_gguf_dit(p, config=config, dtype=dtype, device=device, keep_norms_fp32=keep_norms_fp32)
     ckpt = open_checkpoint(p, what="transformer weights")
     keys = ckpt.keys()
     kind = guess_checkpoint_kind(keys)
@@ -295,10 +183,12 @@ def load_dit(
     except WeightsError as exc:
         exc.file = str(p)
         raise
-    quant = [k for k in keys if k.endswith((".comfy_quant", ".weight_scale", ".scale_weight", ".input_scale"))]
-    if quant or any(info.dtype.startswith("F8") or info.dtype in ("I8", "U8") for info in ckpt.infos.values()):
-        raise WeightsError("quantized (fp8 / int8 / nvfp4) checkpoints are not supported", file=str(p),
-                           hint="use the bf16 file (e.g. krea2_turbo_bf16.safetensors or the official turbo.safetensors)")
+    scheme = detect_quantization(ckpt)  # ComfyUI fp8_scaled / int8 / mxfp8 / nvfp4 (krea2kit.quant)
+    if scheme is not None:
+        from krea2kit.quant.load import load_quantized_dit
+
+        return load_quantized_dit(ckpt, scheme=scheme, layout=layout, prefix=prefix, config=config, dtype=dtype,
+                                  device=device, keep_norms_fp32=keep_norms_fp32)
     if config is None:
         cfg = dit_config_from_checkpoint(ckpt)
     else:

@@ -83,15 +83,10 @@ class Qwen3TextConfig:
 
 # Named presets. "qwen3-vl-4b" is Qwen/Qwen3-VL-4B-Instruct's text_config (36 layers,
 # hidden 2560, 32 query / 8 KV heads of 128, SwiGLU 9728, rope_theta 5e6, mrope [24,20,20]
-# interleaved, eps 1e-6, vocab 151936). The small ones are for tests and benchmarks.
+# interleaved, eps 1e-6, vocab 151936). Real models only (test sizes: tests/support/presets.py;
+# bench sizes: bench/bench_text_encoder.py).
 PRESETS: dict[str, Qwen3TextConfig] = {
     "qwen3-vl-4b": Qwen3TextConfig(),
-    "tiny": Qwen3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, mrope_section=(4, 2, 2)),
-    "small": Qwen3TextConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=64, mrope_section=(16, 8, 8)),
-    "mid": Qwen3TextConfig(vocab_size=4096, hidden_size=1024, intermediate_size=3072, num_hidden_layers=12,
-                           num_attention_heads=16, num_key_value_heads=8, head_dim=64, mrope_section=(16, 8, 8)),
 }
 
 
@@ -441,11 +436,13 @@ def load_text_tower(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtyp
             f"not a Qwen3-VL text encoder: this file looks like {kind}",
             file=str(p), hint="point the text encoder at Qwen3-VL-4B-Instruct weights (the HF folder or "
                               "ComfyUI's qwen3vl_4b_bf16.safetensors)")
-    quant = [k for k in keys if k.endswith((".weight_scale", ".comfy_quant", ".scale_weight")) or k == "scaled_fp8"]
+    from krea2kit.quant.detect import detect_quantization
+
+    scheme = detect_quantization(ckpt)  # ComfyUI fp8_scaled ... encoders: read by krea2kit.quant
     stored = ckpt.infos[f"{prefix}embed_tokens.weight"].dtype
-    if quant or stored not in _STORED_DTYPES:
-        raise WeightsError("quantized text-encoder files (fp8/int8) are not supported yet",
-                           file=str(p), key=quant[0] if quant else f"{prefix}embed_tokens.weight",
+    if scheme is None and stored not in _STORED_DTYPES:
+        raise WeightsError(f"text-encoder weights stored as {stored} in an unknown quantized layout",
+                           file=str(p), key=f"{prefix}embed_tokens.weight",
                            hint="use the bf16 file (e.g. qwen3vl_4b_bf16.safetensors) or the original HF folder")
     raw_cfg = _find_config(ckpt, p)
     shapes = {k: ckpt.shape(k) for k in keys if k.startswith(prefix)}
@@ -480,9 +477,14 @@ def load_text_tower(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtyp
         return rest == "norm.weight" and not want_norm
 
     if dtype is None:
-        dtype = _STORED_DTYPES[stored]
-    assign_weights(tower, ckpt, key_map=key_map, ignore=ignore, dtype=dtype, device=device,
-                   what="text-encoder weights")
+        dtype = _STORED_DTYPES.get(stored, torch.bfloat16)  # an fp8 embedding table computes in bf16
+    if scheme is not None:
+        from krea2kit.quant.load import fill_quantized_text_tower
+
+        fill_quantized_text_tower(tower, ckpt, scheme, key_map=key_map, ignore=ignore, dtype=dtype, device=device)
+    else:
+        assign_weights(tower, ckpt, key_map=key_map, ignore=ignore, dtype=dtype, device=device,
+                       what="text-encoder weights")
     tower.eval().requires_grad_(False)
     return LoadedTower(tower=tower, layout=LANGUAGE_PREFIXES[prefix], files=ckpt.files(), config_source=source)
 

@@ -118,12 +118,7 @@ PRESETS: dict[str, dict] = {
     "flux2": {},
     # black-forest-labs/FLUX.2-small-decoder config.json.
     "flux2-small-decoder": {"decoder_block_out_channels": (96, 192, 384, 384)},
-    # Test configs: a few k parameters, every code path present (shortcut convs,
-    # down/upsamplers, mid attention, quant convs, the small-decoder split).
-    "tiny": {"block_out_channels": (8, 16), "layers_per_block": 1, "latent_channels": 4,
-             "norm_num_groups": 4},
-    "tiny3": {"block_out_channels": (8, 16, 16), "decoder_block_out_channels": (4, 8, 16),
-              "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4},
+    # Real models only (test sizes: tests/support/presets.py).
 }
 
 

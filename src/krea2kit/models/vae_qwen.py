@@ -23,7 +23,6 @@ posterior mean.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, replace
@@ -128,14 +127,8 @@ class QwenVAEConfig:
 PRESETS: dict[str, QwenVAEConfig] = {
     # The official config (diffusers defaults == Qwen/Qwen-Image vae/config.json).
     "qwen-image": QwenVAEConfig(),
-    # Same latent space (f8, 16 channels, official statistics) at a small width: the nano
-    # pipeline and end-to-end tests.
-    "nano": QwenVAEConfig(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
-    # Oracle tests: smallest widths that keep every code path (shortcuts, 2d/3d resamples).
-    "tiny": QwenVAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
-                          latents_mean=(0.1, -0.2, 0.3, -0.4), latents_std=(1.5, 0.5, 2.0, 0.75)),
-    "tiny-2res": QwenVAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
-                               latents_mean=(0.1, -0.2, 0.3, -0.4), latents_std=(1.5, 0.5, 2.0, 0.75)),
+    # Real models only: the nano models' VAE reads its shape from its config.json; test
+    # sizes are in tests/support/presets.py.
 }
 
 
@@ -708,19 +701,3 @@ def _wan_num_res_blocks(keys: list[str]) -> int:
         if f"encoder.downsamples.{i}.resample.1.weight" in keys:
             return i
     return 2
-
-
-def random_qwen_vae(config: QwenVAEConfig | str = "tiny", *, seed: int = 0, dtype: torch.dtype = torch.float32) -> QwenImageVAE:
-    """A VAE with every weight random (gammas and biases included): tests and benches."""
-    if isinstance(config, str):
-        config = QwenVAEConfig.preset(config)
-    g = torch.Generator().manual_seed(seed)
-    vae = QwenImageVAE(config)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                fan_in = math.prod(p.shape[1:]) if p.ndim > 1 else p.shape[0]
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-    return vae.to(dtype).eval().requires_grad_(False).set_channels_last(True)

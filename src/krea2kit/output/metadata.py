@@ -7,7 +7,10 @@ Three layers (notes/anchors_style.md §5):
 
        <prompt>
        Negative prompt: <negative>
-       Steps: 8, Sampler: euler, CFG scale: 1, Seed: 42, Size: 1024x1024, Model: krea2-turbo, ...
+       Steps: 8, Sampler: euler, CFG scale: 1, Krea guidance: 0, Seed: 42, Size: 1024x1024, ...
+
+   ``CFG scale`` means what A1111 means (the standard scale ``s = g + 1``); Krea's own guidance
+   ``g`` is its own field (see :func:`generation_params`).
 
    Values that contain ``,``, ``:`` or a newline are JSON-quoted, as A1111's
    ``infotext_utils.quote`` does, and read back with A1111's ``re_param_code`` pattern.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Mapping
@@ -94,23 +98,27 @@ def _fmt_number(value: Any) -> str:
 
 
 def generation_params(*, steps: int | None = None, sampler: str | None = None,
-                      cfg_scale: float | None = None, seed: int | None = None,
+                      guidance: float | None = None, seed: int | None = None,
                       width: int | None = None, height: int | None = None,
                       model: str | None = None, model_hash: str | None = None,
-                      cfg_convention: str | None = None, shift_mu: float | None = None,
+                      shift_mu: float | None = None,
                       extra: Mapping[str, Any] | None = None,
                       version: str | None = None) -> dict[str, Any]:
     """The ordered ``key: value`` fields of the parameters line, A1111 names first.
 
-    ``cfg_convention`` says how ``cfg_scale`` is meant (A1111 "CFG scale" is the classic
-    ``uncond + s * (cond - uncond)``; Krea's Turbo models run at guidance 0/1, so the convention
-    is recorded). ``None`` values are left out. ``extra`` fields go after the standard ones.
+    ``guidance`` is Krea's ``g`` (``v = cond + g (cond - uncond)``, off at 0). A1111's
+    "CFG scale" is the standard scale ``s`` of ``v = uncond + s (cond - uncond)``, the same
+    velocity with ``s = g + 1``; so ``CFG scale`` is written as ``g + 1`` (``1`` when guidance is
+    off: A1111's "no guidance effect") and ``g`` itself as ``Krea guidance``. Readers that know
+    only A1111's fields then read the strength correctly. ``None`` values are left out;
+    ``extra`` fields go after the standard ones.
     """
+    g = None if guidance is None else float(guidance)
     out: dict[str, Any] = {
         "Steps": steps,
         "Sampler": sampler,
-        "CFG scale": None if cfg_scale is None else _fmt_number(float(cfg_scale)),
-        "CFG convention": cfg_convention,
+        "CFG scale": None if g is None else _fmt_number(g + 1.0),
+        "Krea guidance": None if g is None else _fmt_number(g),
         "Seed": seed,
         "Size": f"{width}x{height}" if width and height else None,
         "Model hash": model_hash,
@@ -303,20 +311,69 @@ class ImageMetadata:
 EXIF_IFD = 0x8769
 EXIF_USER_COMMENT = 0x9286
 EXIF_SOFTWARE = 0x0131
+EXIF_VERSION = 0x9000
+
+#: The EXIF character-code prefix for UCS-2/UTF-16 text (EXIF 2.32 table 9).
+USER_COMMENT_UNICODE = b"UNICODE\x00"
+# TIFF field types (TIFF 6.0 §2): the ones the EXIF block below uses.
+_ASCII, _LONG, _UNDEFINED = 2, 4, 7
 
 
-def encode_user_comment(text: str, *, big_endian: bool = True) -> bytes:
-    """EXIF UserComment: an 8-byte charset header, then the text (ASCII or UCS-2/UTF-16).
+def encode_user_comment(text: str) -> bytes:
+    """EXIF UserComment bytes as AUTOMATIC1111 writes them: ``UNICODE\\0`` then UTF-16-BE.
 
-    UTF-16 follows the EXIF block's byte order; the writers use big-endian EXIF, which is also
-    what piexif (used by A1111-compatible savers) reads ("UNICODE\\0" + UTF-16-BE).
+    A1111 saves with ``piexif.helper.UserComment.dump(text, encoding="unicode")``, which is that
+    prefix plus big-endian UTF-16 whatever the EXIF byte order, and reads back with
+    ``UserComment.load``, which decodes the same way (hMatoba/Piexif ``piexif/helper.py``).
+    Always Unicode, so every character survives, including ones outside Latin-1.
     """
-    if text.isascii():
-        return b"ASCII\x00\x00\x00" + text.encode("ascii")
-    return b"UNICODE\x00" + text.encode("utf-16-be" if big_endian else "utf-16-le")
+    return USER_COMMENT_UNICODE + text.encode("utf-16-be", errors="replace")
+
+
+def build_exif(*, parameters: str | None, software: str) -> bytes:
+    """A big-endian EXIF block (``Exif\\0\\0`` + TIFF) with ``Software`` and ``UserComment``.
+
+    Written by hand rather than through Pillow's ``Image.Exif``, which stores a bytes value in
+    the Exif sub-IFD as type BYTE: piexif then returns a tuple of ints and A1111's reader fails
+    on it. Here UserComment has the type the EXIF specification gives it, UNDEFINED (7), as
+    piexif's own writer does. ``ExifVersion`` ("0232") is written too, as the specification asks
+    of every Exif IFD. No timestamps: the same input gives the same bytes.
+    """
+    def ifd(entries: list[tuple[int, int, int, bytes]], start: int) -> tuple[bytes, bytes]:
+        # Each entry: (tag, type, count, data). Data of up to 4 bytes sits in the entry itself;
+        # longer data follows the IFD, word-aligned, and the entry holds its offset.
+        table = struct.pack(">H", len(entries))
+        tail = b""
+        data_at = start + 2 + 12 * len(entries) + 4
+        for tag, typ, count, data in sorted(entries):
+            if len(data) <= 4:
+                table += struct.pack(">HHI", tag, typ, count) + data.ljust(4, b"\x00")
+            else:
+                table += struct.pack(">HHII", tag, typ, count, data_at + len(tail))
+                tail += data + b"\x00" * (len(data) % 2)
+        return table + struct.pack(">I", 0), tail  # no next IFD
+
+    soft = software.encode("ascii", errors="replace") + b"\x00"
+    exif_entries = [(EXIF_VERSION, _UNDEFINED, 4, b"0232")]
+    if parameters is not None:
+        comment = encode_user_comment(parameters)
+        exif_entries.append((EXIF_USER_COMMENT, _UNDEFINED, len(comment), comment))
+    ifd0_at = 8
+
+    def ifd0_for(exif_at: int) -> tuple[bytes, bytes]:
+        return ifd([(EXIF_SOFTWARE, _ASCII, len(soft), soft),
+                    (EXIF_IFD, _LONG, 1, struct.pack(">I", exif_at))], ifd0_at)
+
+    exif_at = ifd0_at + sum(map(len, ifd0_for(0)))  # IFD0's size does not depend on the offset
+    ifd0, ifd0_tail = ifd0_for(exif_at)
+    sub, sub_tail = ifd(exif_entries, exif_at)
+    tiff = b"MM\x00\x2a" + struct.pack(">I", ifd0_at) + ifd0 + ifd0_tail + sub + sub_tail
+    return b"Exif\x00\x00" + tiff
 
 
 def decode_user_comment(raw: bytes | str, *, big_endian: bool = True) -> str:
+    """Text of an EXIF UserComment from any writer: ``UNICODE`` (UTF-16 in the EXIF byte order,
+    or after a BOM), ``ASCII``, an all-zero (undefined) prefix, or none at all."""
     if isinstance(raw, str):
         return raw
     head, body = raw[:8], raw[8:]

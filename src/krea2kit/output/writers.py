@@ -1,9 +1,10 @@
 """Atomic PNG / JPEG / WebP writers that embed provenance metadata, and file-name templates.
 
-Atomic: the image is encoded into a temporary file in the destination directory, flushed and
-fsynced, then ``os.replace``d onto the final name, so a reader (or a crash) never sees a
-half-written image; on any failure the temporary file is removed and the destination is left as it
-was.
+Atomic: the image is encoded into a hidden temporary file in the destination directory, flushed
+and fsynced, then given its final name in one step (a hard link that fails if the name is taken,
+or ``os.replace`` when overwriting; :mod:`krea2kit.output.files`), so a reader (or a crash) never
+sees a half-written image and two runs never get the same name; on any failure the temporary file
+is removed and the destination is left as it was.
 
 Deterministic: no timestamps are embedded, so the same pixels and metadata give the same bytes.
 
@@ -15,20 +16,20 @@ format    parameters (A1111)                           krea2kit record / AI mark
 PNG       tEXt ``parameters`` (iTXt if not Latin-1)    iTXt ``krea2kit`` (zlib when > 2 KiB);
                                                        iTXt ``XML:com.adobe.xmp`` (uncompressed,
                                                        as the XMP spec asks) with the marker
-JPEG      EXIF ``UserComment`` (big-endian EXIF)       XMP (APP1) with the marker and the record
+JPEG      EXIF ``UserComment`` (as A1111 writes it)     XMP (APP1) with the marker and the record
                                                        as ``krea2kit:Record``; must fit 65,504 B
 WebP      EXIF ``UserComment``                         XMP chunk, same content as JPEG
 ========  ==========================================  ==========================================
 
-EXIF ``Software`` is set to ``krea2kit <version>`` in JPEG and WebP.
+EXIF ``Software`` is set to ``krea2kit <version>`` in JPEG and WebP. ``UserComment`` has type
+UNDEFINED and holds ``UNICODE\\0`` + UTF-16-BE text, what A1111 writes through piexif and reads
+back with ``piexif.helper.UserComment.load`` (:func:`krea2kit.output.metadata.build_exif`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 import unicodedata
 from datetime import date as _date
 from pathlib import Path
@@ -36,9 +37,9 @@ from string import Formatter
 from typing import Any
 
 from .. import __version__
-from ..errors import Krea2kitError, UsageError
-from .metadata import (EXIF_IFD, EXIF_SOFTWARE, EXIF_USER_COMMENT, PNG_KEY_KREA2KIT,
-                       PNG_KEY_PARAMETERS, PNG_KEY_XMP, ImageMetadata, encode_user_comment)
+from ..errors import UsageError
+from .files import NameTaken, OutputError, atomic_write
+from .metadata import PNG_KEY_KREA2KIT, PNG_KEY_PARAMETERS, PNG_KEY_XMP, ImageMetadata, build_exif
 
 FORMATS = ("png", "jpeg", "webp")
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
@@ -51,11 +52,12 @@ PNG_COMPRESS_LEVEL = 6     # zlib default: size/speed balance; deterministic for
 PNG_ZIP_RECORD_OVER = 2048  # compress the krea2kit iTXt chunk above this many bytes
 
 #: JPEG APP1 segments hold at most 65,533 bytes; the XMP header takes 29 of them (Pillow checks).
-JPEG_MAX_XMP = 65533 - 29
+JPEG_MAX_SEGMENT = 65533
+JPEG_MAX_XMP = JPEG_MAX_SEGMENT - 29
 
 
-class OutputError(Krea2kitError):
-    """An image that could not be written."""
+# OutputError lives with the shared file helper (one atomic-write path for every command);
+# it stays importable from here.
 
 
 def _normalise_format(fmt: str) -> str:
@@ -66,14 +68,8 @@ def _normalise_format(fmt: str) -> str:
 
 
 def _exif_bytes(parameters: str | None) -> bytes:
-    from PIL import Image
-
-    exif = Image.Exif()
-    exif.endian = ">"  # UTF-16-BE UserComment, as piexif/A1111 readers expect
-    exif[EXIF_SOFTWARE] = f"krea2kit {__version__}"
-    if parameters is not None:
-        exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = encode_user_comment(parameters)
-    return exif.tobytes()
+    # UserComment as A1111 writes it (UNDEFINED, "UNICODE\0" + UTF-16-BE): see build_exif.
+    return build_exif(parameters=parameters, software=f"krea2kit {__version__}")
 
 
 def _save_kwargs(image: Any, fmt: str, metadata: ImageMetadata, quality: int | None) -> dict:
@@ -91,7 +87,8 @@ def _save_kwargs(image: Any, fmt: str, metadata: ImageMetadata, quality: int | N
             raise UsageError("quality applies to jpeg and webp, not png")
         return {"format": "PNG", "pnginfo": info, "compress_level": PNG_COMPRESS_LEVEL}
     xmp = metadata.xmp(with_record=True)
-    kwargs: dict[str, Any] = {"exif": _exif_bytes(metadata.parameters), "xmp": xmp}
+    exif = _exif_bytes(metadata.parameters)
+    kwargs: dict[str, Any] = {"exif": exif, "xmp": xmp}
     if quality is not None and not 1 <= int(quality) <= 100:
         raise UsageError(f"quality must be 1..100, got {quality}")
     if fmt == "jpeg":
@@ -99,6 +96,11 @@ def _save_kwargs(image: Any, fmt: str, metadata: ImageMetadata, quality: int | N
             raise OutputError(
                 f"the krea2kit metadata ({len(xmp)} bytes of XMP) does not fit in a JPEG APP1 "
                 f"segment ({JPEG_MAX_XMP} bytes)", hint="write PNG or WebP for this run")
+        if len(exif) > JPEG_MAX_SEGMENT:
+            raise OutputError(
+                f"the parameters text ({len(exif)} bytes of EXIF) does not fit in a JPEG APP1 "
+                f"segment ({JPEG_MAX_SEGMENT} bytes)",
+                hint="write PNG or WebP for this run, or shorten the prompt")
         kwargs.update(format="JPEG", quality=int(quality or DEFAULT_JPEG_QUALITY), subsampling=0,
                       optimize=False)
     else:
@@ -108,12 +110,14 @@ def _save_kwargs(image: Any, fmt: str, metadata: ImageMetadata, quality: int | N
 
 def write_image(image: Any, path: str | os.PathLike, *, format: str | None = None,
                 metadata: ImageMetadata, quality: int | None = None,
-                overwrite: bool = True) -> Path:
-    """Write ``image`` (a PIL image) to ``path`` atomically with ``metadata``; return the path.
+                overwrite: bool = False, numbered: bool = False) -> Path:
+    """Write ``image`` (a PIL image) to ``path`` atomically with ``metadata``; return the path used.
 
     ``format`` is ``"png"``, ``"jpeg"`` (``"jpg"``) or ``"webp"``; when ``None`` it is taken
-    from the file extension. ``overwrite=False`` raises :class:`OutputError` when ``path``
-    exists (checked before encoding; ``os.replace`` itself always replaces).
+    from the file extension. An existing ``path`` is replaced only with ``overwrite=True``;
+    otherwise ``numbered=True`` takes the next free ``-2``, ``-3`` … name and without it
+    :class:`~krea2kit.output.files.NameTaken` is raised (checked before encoding, and again,
+    atomically, when the finished file takes its name: see :mod:`krea2kit.output.files`).
     """
     path = Path(path)
     if format is None:
@@ -125,36 +129,15 @@ def write_image(image: Any, path: str | os.PathLike, *, format: str | None = Non
     fmt = _normalise_format(format)
     if not isinstance(metadata, ImageMetadata):
         raise TypeError("metadata must be an ImageMetadata")
-    if not overwrite and path.exists():
-        raise OutputError(f"{path} already exists", file=str(path),
-                          hint="choose another name template or allow overwriting")
+    hint = "choose another name template or allow overwriting"
+    if not overwrite and not numbered and os.path.lexists(path):
+        raise NameTaken("the file already exists", file=str(path), hint=hint)
     img = image
     if fmt == "jpeg" and img.mode not in ("RGB", "L", "CMYK"):
         img = img.convert("RGB")  # JPEG has no alpha
     kwargs = _save_kwargs(img, fmt, metadata, quality)
-
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fp:
-            img.save(fp, **kwargs)
-            fp.flush()
-            os.fsync(fp.fileno())
-        # mkstemp creates 0o600; give the image the permissions a normal file would get.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, (Krea2kitError, KeyboardInterrupt, SystemExit)):
-            raise
-        raise OutputError(f"could not write {path}: {type(exc).__name__}: {exc}",
-                          file=str(path)) from exc
-    return path
+    return atomic_write(path, lambda fp: img.save(fp, **kwargs), overwrite=overwrite, numbered=numbered,
+                        hint=hint)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,14 +166,74 @@ def slugify(text: str, *, max_length: int = DEFAULT_SLUG_LENGTH) -> str:
 _SAFE_VALUE = re.compile(r"[^A-Za-z0-9._\-]+")
 
 
-def render_name(template: str, **fields: Any) -> str:
-    """Render a file-name template such as ``"{date}/{recipe}-{index:03d}-{seed}.png"``.
+#: Widths above this in a format spec are refused: a name is for a file system, not a report.
+MAX_FIELD_WIDTH = 12
+_INT_FIELDS = {"index", "seed"}
+# The only format specs allowed: an optional zero pad and width, and a type (ints: ``04d``,
+# ``6``, ``x``; strings: a width and/or a precision that shortens, ``.20``). No fill characters
+# (one could be ``/``), no nested fields, no conversions, no attribute or index access.
+_INT_SPEC = re.compile(r"0?(?P<width>\d{1,2})?[dxX]?")
+_STR_SPEC = re.compile(r"(?P<width>\d{1,2})?(?:\.(?P<precision>\d{1,3}))?s?")
+_BAD_LITERAL = re.compile(r"[\x00-\x1f\x7f\\]")
 
-    Fields: ``index``, ``seed``, ``prompt_slug``, ``date``, ``recipe``, ``model``. ``prompt_slug``
-    may be given as ``prompt=...`` and is slugified; ``date`` defaults to today (UTC is the
-    caller's choice; pass ``date=`` for reproducible names). String values are sanitised (no
-    path separators, ``..`` or control characters), so only the template itself can create
-    directories. Unknown or missing fields raise :class:`UsageError` naming them.
+
+def check_template_syntax(template: str) -> list[str]:
+    """Refuse a template that is more than plain ``{field}`` / ``{field:spec}`` placeholders.
+
+    Returns the fields it uses. A template is untrusted input (it can come from a recipe a
+    stranger wrote, or from an image), so format-spec features that could make huge names
+    (``{index:0300d}``), reach object attributes (``{index.__class__}``) or items
+    (``{seed[0]}``) are refused rather than rendered.
+    """
+    if not isinstance(template, str) or not template:
+        raise UsageError("the file-name template is empty", hint="e.g. name = \"{recipe}-{index:04d}-{seed}\"")
+    try:
+        parsed = list(Formatter().parse(template))
+    except ValueError as exc:
+        raise UsageError(f"bad file-name template {template!r}: {exc}",
+                         hint="write a literal brace as {{ or }}") from None
+    used = []
+    for literal, field, spec, conversion in parsed:
+        bad = _BAD_LITERAL.search(literal)
+        if bad:
+            raise UsageError(f"file-name template {template!r} contains the character {bad.group()!r}",
+                             hint="use letters, digits, '-', '_', '.', and '/' for a subfolder")
+        if field is None:
+            continue
+        if field == "" or field.isdigit():
+            raise UsageError(f"file-name template {template!r} uses a positional field",
+                             hint=f"name the field: {', '.join(NAME_FIELDS)}")
+        if "." in field or "[" in field:
+            raise UsageError(f"file-name template {template!r}: {{{field}}} uses attribute or index "
+                             "access, which is not allowed",
+                             hint=f"use a plain field: {', '.join(NAME_FIELDS)}")
+        if field not in NAME_FIELDS:
+            raise UsageError(f"unknown field {{{field}}} in file-name template {template!r}",
+                             hint=f"known: {', '.join(NAME_FIELDS)}")
+        if conversion is not None:
+            raise UsageError(f"file-name template {template!r}: the conversion !{conversion} in "
+                             f"{{{field}}} is not allowed", hint=f"write {{{field}}}")
+        if spec:
+            m = (_INT_SPEC if field in _INT_FIELDS else _STR_SPEC).fullmatch(spec)
+            if m is None or int(m.group("width") or 0) > MAX_FIELD_WIDTH:
+                example = "{index:04d}" if field in _INT_FIELDS else f"{{{field}:.20}}"
+                raise UsageError(
+                    f"file-name template {template!r}: the format {{{field}:{spec}}} is not allowed",
+                    hint=f"use a plain width of at most {MAX_FIELD_WIDTH}, like {example}")
+        used.append(field)
+    return used
+
+
+def render_name(template: str, **fields: Any) -> str:
+    """Render a file-name template such as ``"{date}/{recipe}-{index:03d}-{seed}"``.
+
+    Fields: ``index``, ``seed``, ``prompt_slug``, ``date``, ``recipe``, ``model``, each plain or
+    with a bounded width (:func:`check_template_syntax`). ``prompt_slug`` may be given as
+    ``prompt=...`` and is slugified; ``date`` defaults to today (UTC is the caller's choice;
+    pass ``date=`` for reproducible names). String values are sanitised (no path separators,
+    ``..`` or control characters), so only the template itself can create directories, and
+    every ``/``-separated part of the result must be a real name (not empty, ``.`` or ``..``).
+    Unknown or missing fields raise :class:`UsageError` naming them.
     """
     values: dict[str, Any] = {}
     if "prompt" in fields:
@@ -199,20 +242,9 @@ def render_name(template: str, **fields: Any) -> str:
     unknown = sorted(set(fields) - set(NAME_FIELDS))
     if unknown:
         raise UsageError(f"unknown file-name field(s) {unknown}", hint=f"known: {', '.join(NAME_FIELDS)}")
-    try:
-        used = [f for _, f, _, _ in Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise UsageError(f"bad file-name template {template!r}: {exc}") from exc
-    for name in used:
-        base = re.split(r"[.\[]", name, maxsplit=1)[0]
-        if base == "" or base.isdigit():
-            raise UsageError(f"file-name template {template!r} uses a positional field",
-                             hint=f"name the field: {', '.join(NAME_FIELDS)}")
-        if base not in NAME_FIELDS:
-            raise UsageError(f"unknown field {{{base}}} in file-name template {template!r}",
-                             hint=f"known: {', '.join(NAME_FIELDS)}")
-        if base not in fields and base != "date":
-            raise UsageError(f"file-name template {template!r} needs {{{base}}}, which this run "
+    for name in check_template_syntax(template):
+        if name not in fields and name != "date":
+            raise UsageError(f"file-name template {template!r} needs {{{name}}}, which this run "
                              "does not provide")
     for k, v in fields.items():
         if isinstance(v, str):
@@ -223,7 +255,8 @@ def render_name(template: str, **fields: Any) -> str:
         name = template.format(**values)
     except (ValueError, TypeError, KeyError, IndexError) as exc:
         raise UsageError(f"file-name template {template!r} cannot be rendered: {exc}") from exc
-    parts = Path(name).parts
-    if not name or Path(name).is_absolute() or ".." in parts:
-        raise UsageError(f"file-name template {template!r} renders to an unsafe path {name!r}")
+    if name.startswith("/") or any(part in ("", ".", "..") for part in name.split("/")):
+        raise UsageError(f"file-name template {template!r} renders to an unsafe path {name!r}",
+                         hint="each '/'-separated part must be a name (not empty, '.' or '..'); "
+                              "the folder is output.dir")
     return name

@@ -1,18 +1,25 @@
-"""The built-in Krea 2 transformer as a pipeline part."""
+"""The built-in Krea 2 transformer as a pipeline part (:class:`krea2kit.contracts.DiTPart`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from krea2kit.contracts import LoadContext
+
 
 class DiTPart:
     """A loaded :class:`~krea2kit.models.dit.SingleStreamDiT` and how to make a denoiser."""
 
-    def __init__(self, module: Any, identity: str) -> None:
+    def __init__(self, module: Any, identity: str, *, layout: str = "official") -> None:
         self.module = module
         self.identity = identity
+        self.layout = layout
+        config = module.config
+        self.patch_size = int(config.patch)
+        self.in_channels = int(config.channels)
+        self.text_shape = (int(config.txtlayers), int(config.txtdim))
 
-    def make_denoiser(self, cond, uncond, *, guidance: float, height: int, width: int, layout: str = "official"):
+    def make_denoiser(self, cond, uncond, *, guidance: float, latent_size: tuple[int, int]):
         """``denoise(x, sigma)`` for one image: text features and RoPE computed once, cond
         and uncond batched when guidance is on (Krea convention; the plan converts)."""
         from krea2kit.denoiser import Krea2Denoiser
@@ -22,20 +29,22 @@ class DiTPart:
         if uncond is not None:
             kwargs = {"uncond_txt": uncond[0], "uncond_mask": uncond[1]}
         return Krea2Denoiser(self.module, txt, mask, guidance=guidance, convention="krea",
-                             latent_hw=(height // 8, width // 8), layout=layout, **kwargs)
+                             latent_hw=tuple(latent_size), layout=self.layout, **kwargs)
 
 
-def load(location: str, *, config: str = "", dtype: str = "float32", device: str = "cpu", options=None,
-         settings=None) -> DiTPart:
+def load(options: None, context: LoadContext) -> DiTPart:
     import torch
 
     from krea2kit.models.dit import PRESETS
     from krea2kit.models.dit_loader import load_dit
-    from krea2kit.models.weights import open_checkpoint
+    from krea2kit.parts import weights_fingerprint
 
-    cfg = PRESETS[config] if config else None
+    cfg = PRESETS[context.config] if context.config else None
     # The official sampler casts the whole model to its dtype, norm scales included
     # (krea-ai/krea-2 inference.py); keeping them fp32 would not reproduce its images.
-    module = load_dit(location, config=cfg, dtype=getattr(torch, dtype), device=device, keep_norms_fp32=False)
+    module = load_dit(context.location, config=cfg, dtype=getattr(torch, context.dtype), device=context.device,
+                      keep_norms_fp32=False)
     module.eval()
-    return DiTPart(module, open_checkpoint(location).identity())
+    identity = weights_fingerprint(context.location)
+    storage = getattr(module, "storage_layout", None)  # quantized files (krea2kit.quant): fp8_scaled, gguf-Q8_0 ...
+    return DiTPart(module, f"{identity} storage={storage}" if storage else identity, layout=context.layout)

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from krea2kit.contracts import LoadContext
+
 
 class PromptRulesOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -34,7 +36,7 @@ class NsfwImageOptions(BaseModel):
         None, ge=0.0, le=1.0, description="Block at or above this NSFW score; a recipe may only lower it")
 
 
-def prompt_rules(options: PromptRulesOptions | None = None, *, settings=None) -> Any:
+def prompt_rules(options: PromptRulesOptions | None, context: LoadContext) -> Any:
     from krea2kit.safety.prompt_filter import from_config
 
     config: dict[str, Any] = {}
@@ -43,11 +45,12 @@ def prompt_rules(options: PromptRulesOptions | None = None, *, settings=None) ->
     return from_config(config)
 
 
-def nsfw_image(options: NsfwImageOptions | None = None, *, settings=None) -> Any:
+def nsfw_image(options: NsfwImageOptions | None, context: LoadContext) -> Any:
     from krea2kit.errors import RecipeError
     from krea2kit.safety.image_filter import DEFAULT_BLOCK_THRESHOLD, from_config
 
     ceiling = DEFAULT_BLOCK_THRESHOLD
+    settings = context.settings
     if settings is not None and settings.safety.image_threshold is not None:
         ceiling = settings.safety.image_threshold
     threshold = ceiling

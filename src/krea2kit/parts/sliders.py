@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from krea2kit.contracts import LoadContext
+
 
 class Binding(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -32,7 +34,7 @@ class LoraSliderOptions(BaseModel):
     @model_validator(mode="after")
     def _bound(self):
         if (self.lora is None) == (self.loras is None):
-            raise ValueError("give exactly one of 'lora' or 'loras'")
+            raise ValueError("needs 'lora' or 'loras' (exactly one)")
         if self.range[0] >= self.range[1]:
             raise ValueError("range = [min, max] needs min < max")
         return self
@@ -42,15 +44,12 @@ class LoraSliderOptions(BaseModel):
             return [self.lora]
         return [b if isinstance(b, str) else b.lora for b in self.loras or []]
 
-    def to_table(self) -> dict:
-        return self.model_dump(exclude_none=True)
 
-
-def load(options: LoraSliderOptions | None = None):
-    """Return a factory ``(name, options) -> adapters.sliders.Slider``."""
+def load(options: LoraSliderOptions, context: LoadContext):
+    """The :class:`krea2kit.contracts.Slider` of one ``[[sliders]]`` entry: ``context.name``
+    is its name, ``options`` its validated keys."""
     from krea2kit.adapters.sliders import Slider
 
-    def build(name: str, opts: LoraSliderOptions):
-        return Slider.from_dict(name, opts.to_table())
-
-    return build
+    if options is None:
+        raise ValueError(f"slider {context.name!r} needs its options (give 'lora' or 'loras')")
+    return Slider.from_options(context.name, options)

@@ -1,22 +1,25 @@
-"""The built-in Qwen3-VL text conditioner as a pipeline part, with the prompt cache."""
+"""The built-in Qwen3-VL text conditioner as a pipeline part
+(:class:`krea2kit.contracts.TextEncoderPart`), with the prompt cache."""
 
 from __future__ import annotations
 
 import warnings
 from typing import Any
 
+from krea2kit.contracts import LoadContext
+
 
 class TextEncoderPart:
     """``encode(texts) -> (hidden (B, L, taps, D), mask (B, L))``; truncation notes are
     collected for the CLI to print on stderr."""
 
-    def __init__(self, encoder: Any, cache: Any | None) -> None:
+    def __init__(self, encoder: Any, cache: Any | None, *, layout: str = "official") -> None:
         self.encoder = encoder
         self.cache = cache
         self.identity = encoder.identity
         self.hidden_size = encoder.hidden_size
         self._notes: list[str] = []
-        self.layout = "official"  # the pipeline sets the recipe's model.layout before encoding
+        self.layout = layout  # the recipe's model.layout, from the load context
 
     def encode(self, texts: list[str]):
         from krea2kit.models.tokenizer import PromptTruncatedWarning
@@ -57,16 +60,17 @@ def taps_for(location: str, default: tuple[int, ...]) -> tuple[int, ...]:
     return default
 
 
-def load(location: str, *, config: str = "", dtype: str = "float32", device: str = "cpu", options=None,
-         settings=None) -> TextEncoderPart:
+def load(options: None, context: LoadContext) -> TextEncoderPart:
     import torch
 
     from krea2kit.conditioning import PromptEmbeddingCache, load_text_encoder
     from krea2kit.models.text_encoder import KREA2_TAPS
 
-    encoder = load_text_encoder(location, taps=taps_for(location, KREA2_TAPS), dtype=getattr(torch, dtype),
-                                device=device)
+    location = context.location
+    encoder = load_text_encoder(location, taps=taps_for(location, KREA2_TAPS), dtype=getattr(torch, context.dtype),
+                                device=context.device)
     cache = None
+    settings = context.settings
     if settings is not None and settings.cache.prompt_embeddings:
         cache = PromptEmbeddingCache(settings.cache_root() / "prompt-embeddings")
-    return TextEncoderPart(encoder, cache)
+    return TextEncoderPart(encoder, cache, layout=context.layout)

@@ -1,26 +1,25 @@
-"""The built-in autoencoders as pipeline parts: one interface over both models."""
+"""The built-in autoencoders as pipeline parts (:class:`krea2kit.contracts.VAEPart`):
+one interface over both models."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from krea2kit.contracts import LoadContext
+from krea2kit.parts import weights_fingerprint
+
 
 class VAEPart:
     """``encode(images) -> latents``, ``decode(latents) -> images in [-1, 1]``, ``contract``.
 
-    Tiling switches on by itself above ``tile_threshold`` pixels (the model's default
-    unless a recipe sets ``model.vae_tile_threshold``).
+    Tiling switches on by itself above the model's tile threshold (its default unless the
+    recipe's ``model.vae_tile_threshold`` arrives through the load context).
     """
 
-    def __init__(self, module: Any, identity: str, threshold_attr: str) -> None:
+    def __init__(self, module: Any, identity: str) -> None:
         self.module = module
         self.identity = identity
         self.contract = module.contract
-        self._threshold_attr = threshold_attr
-
-    def set_tile_threshold(self, pixels: int | None) -> None:
-        if pixels is not None:
-            setattr(self.module, self._threshold_attr, int(pixels))
 
     def encode(self, images):
         return self.module.encode(images, tile="auto")
@@ -37,27 +36,25 @@ class VAEPart:
         return self.module.dtype
 
 
-def _identity(location: str) -> str:
-    from krea2kit.models.weights import open_checkpoint
-
-    return open_checkpoint(location).identity()
-
-
-def load_qwen(location: str, *, config: str = "", dtype: str = "float32", device: str = "cpu", options=None,
-              settings=None) -> VAEPart:
+def load_qwen(options: None, context: LoadContext) -> VAEPart:
     import torch
 
     from krea2kit.models.vae_qwen import load_qwen_vae
 
-    module = load_qwen_vae(location, config=config or None, dtype=getattr(torch, dtype), device=device).eval()
-    return VAEPart(module, _identity(location), "tile_threshold")
+    module = load_qwen_vae(context.location, config=context.config or None, dtype=getattr(torch, context.dtype),
+                           device=context.device).eval()
+    if context.vae_tile_threshold is not None:
+        module.tile_threshold = int(context.vae_tile_threshold)
+    return VAEPart(module, weights_fingerprint(context.location))
 
 
-def load_flux2(location: str, *, config: str = "", dtype: str = "float32", device: str = "cpu", options=None,
-               settings=None) -> VAEPart:
+def load_flux2(options: None, context: LoadContext) -> VAEPart:
     import torch
 
     from krea2kit.models.vae_flux2 import load_flux2_vae
 
-    module = load_flux2_vae(location, config=config or None, dtype=getattr(torch, dtype), device=device).eval()
-    return VAEPart(module, _identity(location), "auto_tile_threshold_pixels")
+    module = load_flux2_vae(context.location, config=context.config or None, dtype=getattr(torch, context.dtype),
+                            device=context.device).eval()
+    if context.vae_tile_threshold is not None:
+        module.auto_tile_threshold_pixels = int(context.vae_tile_threshold)
+    return VAEPart(module, weights_fingerprint(context.location))

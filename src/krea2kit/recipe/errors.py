@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -71,13 +72,36 @@ def validate_model(model: Any, data: Mapping, *, file: str | None = None, prefix
         raise recipe_error_from(exc, model, file=file, prefix=prefix, provenance=provenance) from None
 
 
+# Pydantic adds the member's type to the location of an error inside a union
+# (``sampler.mu.float``, ``model.weights.dit.EnvRef``); a person wants the key alone.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|bytes|(literal|list|dict|tuple|set|"
+                        r"function-(after|before|wrap|plain)|constrained-\w+)\[.*\]|[A-Z][A-Za-z0-9]*)$")
+
+
+def _key_loc(loc: tuple) -> tuple:
+    """``loc`` without the union-member tags pydantic puts into it (recipe keys are lowercase)."""
+    return tuple(part for i, part in enumerate(loc)
+                 if isinstance(part, int) or i == 0 or not _UNION_TAG.match(str(part)))
+
+
+# A wrong value is quoted back, but a long one only in part.
+MAX_QUOTED_VALUE = 80
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTED_VALUE else text[:MAX_QUOTED_VALUE - 3] + "..."
+
+
 def recipe_error_from(exc: Any, model: Any, *, file: str | None, prefix: str = "",
                       provenance: Mapping[str, str] | None = None) -> RecipeError:
     errors = exc.errors(include_url=False)
     # Unknown keys first: they often explain the other errors.
     errors.sort(key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
-    loc = tuple(first["loc"])
+    loc = _key_loc(tuple(first["loc"]))
+    # A union reports one error per member for the same key: count problems by key.
+    errors = list({_key_loc(tuple(e["loc"])): e for e in reversed(errors)}.values())
     key = dotted(loc, prefix)
     where = file_for(key, provenance, file)
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
@@ -92,7 +116,7 @@ def recipe_error_from(exc: Any, model: Any, *, file: str | None, prefix: str = "
     if first["type"] == "missing":
         return RecipeError(f"required key is missing{more}", file=where, key=key)
     got = first.get("input")
-    got_text = "" if isinstance(got, (dict, list)) else f", got {got!r}"
+    got_text = "" if isinstance(got, (dict, list)) else f", got {_short_repr(got)}"
     msg = first["msg"]
     msg = msg[0].lower() + msg[1:] if msg else msg
     return RecipeError(f"{msg}{got_text}{more}", file=where, key=key)

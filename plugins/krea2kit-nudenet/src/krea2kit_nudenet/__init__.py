@@ -8,6 +8,7 @@ from krea2kit.hookspecs import hookimpl
 from krea2kit.registry import FilterDescriptor
 
 __version__ = "0.1.0"
+KREA2KIT_CONTRACT = 2  # the krea2kit plugin contract this plugin is written for
 
 
 @hookimpl

@@ -159,8 +159,10 @@ except ImportError:  # pragma: no cover - krea2kit depends on pydantic
     NudeNetOptions = None  # type: ignore[assignment,misc]
 
 
-def load(options: Any = None, *, settings: Any = None) -> NudeNetImageFilter:
-    """The registry's loader: ``options`` is a ``NudeNetOptions``, a dict or ``None``."""
+def load(options: Any, context: Any) -> NudeNetImageFilter:
+    """The registry's ``load(options, context)`` (krea2kit plugin contract 2): ``options`` is
+    the recipe's ``[safety.settings.nudenet]`` as a ``NudeNetOptions`` (or a dict, or
+    ``None``); the context (device, deployer settings) is not needed."""
     if options is None:
         return from_config({})
     if hasattr(options, "model_dump"):

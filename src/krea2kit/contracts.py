@@ -1,0 +1,438 @@
+"""The plugin contract: what the host calls on every kind of part, as typed protocols.
+
+This module is the reference for plugin authors (CONTRIBUTING.md's table is checked
+against it by ``tests/contracts/test_contributing_table.py``). It imports nothing heavy:
+tensor types appear only in annotations.
+
+**One load convention for every kind.** A descriptor's ``load`` is called as::
+
+    part = load(options, context)
+
+* ``options``: the part's own settings, validated against the descriptor's ``options``
+  schema (a pydantic model instance), or ``None`` when the descriptor declares no schema
+  or the recipe sets nothing. Where they come from in a recipe is in :data:`OPTIONS_FROM`.
+* ``context``: a :class:`LoadContext`: where the weights are, the device and dtype, the
+  run-wide model settings, the deployer's settings and the plugin's own
+  ``[plugins.<name>]`` table.
+
+What ``load`` returns must satisfy the protocol of its kind (:data:`PROTOCOLS`);
+``krea2kit plugins --check`` and :func:`krea2kit.testing.check_part` verify it.
+
+**Conventions shared by every part** (those of the official Krea 2 sampler):
+
+* images are ``(B, 3, H, W)`` float tensors in ``[-1, 1]``, RGB, NCHW;
+* latents are ``(B, C, H/f, W/f)`` with ``C`` and ``f`` the VAE's
+  :class:`LatentContract` ``channels`` and ``factor``;
+* flow time ``sigma`` runs from 1 (pure noise) to 0 (clean):
+  ``x_t = sigma * noise + (1 - sigma) * x0``, and the model predicts the velocity
+  ``v = noise - x0`` (so ``dx/dsigma = v`` and ``x0 = x_t - sigma * v``);
+* an image's pixel size is a multiple of ``vae.contract.factor * dit.patch_size``
+  (the pipeline pads up and crops back).
+
+**Versioning.** :data:`CONTRACT_VERSION` grows by one whenever a protocol or the load
+convention changes incompatibly. A plugin states the version it was written for with a
+module attribute ``KREA2KIT_CONTRACT = 2`` beside its hook implementations; the host skips
+(with a warning) a plugin that needs a newer contract than it provides, or one written for
+a contract older than :data:`OLDEST_SUPPORTED_CONTRACT`. ``krea2kit plugins --json`` shows
+both numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from krea2kit.models.contract import LatentContract
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only; keeps torch off the listing path
+    import torch
+    from PIL import Image
+
+    from krea2kit.adapters.formats import LoraFile
+    from krea2kit.runtime.outputs import OutputInfo
+    from krea2kit.safety.verdict import Verdict
+    from krea2kit.settings import Settings
+
+#: The version of the contract this krea2kit provides (the load convention and protocols).
+CONTRACT_VERSION = 2
+#: Plugins that state an older version than this are skipped (their parts would not load).
+OLDEST_SUPPORTED_CONTRACT = 2
+#: The module attribute a plugin sets to the contract version it was written for.
+PLUGIN_CONTRACT_ATTRIBUTE = "KREA2KIT_CONTRACT"
+
+__all__ = [
+    "CONTRACT_VERSION", "OLDEST_SUPPORTED_CONTRACT", "PLUGIN_CONTRACT_ATTRIBUTE",
+    "LoadContext", "OutputInfo", "LatentContract", "PartLoader",
+    "Denoiser", "StepCallback", "DiTPart", "TextEncoderPart", "VAEPart", "Sampler", "LoraFormat",
+    "Slider", "PromptFilter", "ImageFilter", "Writer", "PROTOCOLS", "OPTIONS_FROM", "LOADS_WEIGHTS",
+    "HOST_CALLS", "protocol_for", "protocol_members", "missing_members", "size_multiple", "contributing_table",
+]
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """Everything the host hands a part's ``load`` besides its own options.
+
+    role: the part kind being loaded ("dit", "text_encoder", "vae", "sampler",
+        "lora_format", "slider", "filter", "writer").
+    name: the name the part is used under: the descriptor's name, or for a slider its
+        ``[[sliders]]`` entry name.
+    location: the weights (a file or folder path) for "dit", "text_encoder" and "vae";
+        "" for other kinds.
+    config: the model preset's named architecture config for this part ("" = infer it
+        from the weights).
+    device, dtype: where and in which torch dtype to load (``"cpu"``, ``"cuda"``,
+        ``"mps"``; ``"float32"``, ``"bfloat16"``, ``"float16"``), already resolved.
+    layout: the recipe's ``model.layout``, the text token layout of the run:
+        "official" (reference padding) or "compact" (padding dropped).
+    vae_tile_threshold: the recipe's ``model.vae_tile_threshold``: decode in tiles above
+        this many pixels (``None`` = the VAE's own default).
+    settings: the deployer's :class:`krea2kit.settings.Settings` (user config), e.g. the
+        image filter ceiling or whether prompt embeddings are cached; ``None`` in tests.
+    plugin_options: the validated ``[plugins.<plugin>]`` table of the part's plugin
+        (see the ``register_options`` hook), or ``None``.
+    """
+
+    role: str = ""
+    name: str = ""
+    location: str = ""
+    config: str = ""
+    device: str = "cpu"
+    dtype: str = "float32"
+    layout: str = "official"
+    vae_tile_threshold: int | None = None
+    settings: Settings | None = field(default=None, compare=False)
+    plugin_options: Any = field(default=None, compare=False)
+
+
+class PartLoader(Protocol):
+    """A descriptor's ``load``: ``load(options, context) -> part`` for every kind."""
+
+    def __call__(self, options: Any, context: LoadContext, /) -> Any: ...
+
+
+# --- the sampler's view of the model --------------------------------------------------------
+
+#: ``denoise(x, sigma) -> v``: latents (B, C, H/f, W/f) at flow time ``sigma`` in [0, 1]
+#: (a float) to the velocity ``v = noise - x0``, same shape and dtype as ``x``.
+Denoiser = Callable[["torch.Tensor", float], "torch.Tensor"]
+#: ``callback(step_index, total_steps, sigma_next, x)``, called after every step.
+StepCallback = Callable[[int, int, float, "torch.Tensor"], None]
+
+
+# --- model parts ----------------------------------------------------------------------------
+
+
+@runtime_checkable
+class DiTPart(Protocol):
+    """A diffusion transformer. ``load(options, context)`` reads ``context.location``.
+
+    identity: a fingerprint of the weights (recorded in every image's metadata).
+    module: the ``torch.nn.Module`` runtime LoRA adapters attach to (its submodule names
+        are what LoRA files name).
+    patch_size: latent cells per token side (Krea 2: 2). The pipeline makes image sizes a
+        multiple of ``vae.contract.factor * patch_size``.
+    in_channels: latent channels it consumes; must equal the VAE's ``contract.channels``.
+    text_shape: ``(tapped layers, width)`` of the text hidden states it fuses, or ``None``
+        if it takes any; the pipeline refuses an encoder that does not fit.
+    """
+
+    identity: str
+    module: Any
+    patch_size: int
+    in_channels: int
+    text_shape: tuple[int, int] | None
+
+    def make_denoiser(self, cond: tuple[torch.Tensor, torch.Tensor],
+                      uncond: tuple[torch.Tensor, torch.Tensor] | None, *, guidance: float,
+                      latent_size: tuple[int, int]) -> Denoiser:
+        """A :data:`Denoiser` for one image.
+
+        cond, uncond: ``(hidden (1, L, taps, D), mask (1, L) bool)`` from the text encoder;
+            ``uncond`` (the negative prompt) is ``None`` when guidance is off.
+        guidance: Krea's ``g`` (``v = cond + g * (cond - uncond)``; on iff ``g > 0``).
+        latent_size: ``(H/f, W/f)``, the latent height and width, multiples of ``patch_size``.
+        """
+        ...
+
+
+@runtime_checkable
+class TextEncoderPart(Protocol):
+    """A text encoder. ``load(options, context)`` reads ``context.location`` and honours
+    ``context.layout``.
+
+    identity: a fingerprint of the weights (metadata, prompt cache key).
+    """
+
+    identity: str
+
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden (B, L, taps, D) float, mask (B, L) bool)`` for B texts, in order."""
+        ...
+
+    def take_warnings(self) -> list[str]:
+        """Notes since the last call (e.g. a prompt was truncated), shown to the user; ``[]``
+        when there are none."""
+        ...
+
+
+@runtime_checkable
+class VAEPart(Protocol):
+    """An autoencoder. ``load(options, context)`` reads ``context.location`` and honours
+    ``context.vae_tile_threshold``.
+
+    identity: a fingerprint of the weights.
+    contract: the :class:`LatentContract` of its latents (channels, factor f); must equal
+        the descriptor's ``contract``.
+    """
+
+    identity: str
+    contract: LatentContract
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [-1, 1] (H, W multiples of f) -> latents ``(B, C, H/f, W/f)``."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, C, H/f, W/f)`` -> images ``(B, 3, H, W)``, nominally in [-1, 1]
+        (the pipeline clamps)."""
+        ...
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """A sampler: ``load(options, context)`` returns this function.
+
+    ``sampler(denoise, x, sigmas, *, generator=None, callback=None, **options) -> x0``
+
+    denoise: a :data:`Denoiser`. x: the starting noise ``(B, C, H/f, W/f)``.
+    sigmas: ``steps + 1`` flow times from 1 down to 0 (a float32 CPU tensor).
+    generator: a ``torch.Generator`` (or one per batch row) for any fresh noise.
+    callback: a :data:`StepCallback`; call it after every step so progress moves.
+    options: the recipe's sampler options (the same values ``load`` received), as keywords.
+    Returns the clean latents, same shape as ``x``.
+    """
+
+    def __call__(self, denoise: Denoiser, x: torch.Tensor, sigmas: Any, *, generator: Any = None,
+                 callback: StepCallback | None = None, **options: Any) -> torch.Tensor: ...
+
+
+# --- adapters -------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class LoraFormat(Protocol):
+    """A LoRA file layout. ``load(options, context)`` returns an object with:"""
+
+    def detect(self, keys: Collection[str], metadata: Mapping[str, str]) -> bool:
+        """Whether this format reads a safetensors file with these tensor names and header
+        metadata (cheap: no tensor is read). Must return ``False`` for an empty key set
+        unless the format is a catch-all."""
+        ...
+
+    def parse(self, path: str | Path, *, strict: bool = False, name: str | None = None) -> LoraFile:
+        """Read the file into krea2kit's per-module form (:class:`krea2kit.adapters.formats.LoraFile`).
+        ``strict``: keys that match no module are an error instead of a warning."""
+        ...
+
+
+@runtime_checkable
+class Slider(Protocol):
+    """One ``[[sliders]]`` entry: ``load(options, context)`` builds it, with ``context.name``
+    the entry's name and ``options`` its validated keys.
+
+    name: the slider's name. loras: the ``[[loras]]`` names it drives.
+    range: ``(min, max)`` of its value.
+    """
+
+    name: str
+    loras: tuple[str, ...]
+    range: tuple[float, float]
+
+    def strength_fns(self, value: float | None = None) -> dict[str, Callable[[int, int], float]]:
+        """``{lora name: fn(step, total_steps) -> strength}`` at ``value`` (``None``: its default)."""
+        ...
+
+
+# --- safety and output ----------------------------------------------------------------------
+
+
+@runtime_checkable
+class PromptFilter(Protocol):
+    """A prompt content filter (``FilterDescriptor(target="prompt")``).
+
+    Every registered filter runs on every prompt; any block wins; a filter that raises,
+    times out or fails to load blocks. ``name`` and ``version`` are recorded in the verdict.
+    """
+
+    name: str
+    version: str
+
+    def check_prompt(self, text: str) -> Verdict:
+        """A :class:`krea2kit.safety.verdict.Verdict` for one prompt or negative prompt."""
+        ...
+
+
+@runtime_checkable
+class ImageFilter(Protocol):
+    """An image content filter (``FilterDescriptor(target="image")``), run on every decoded
+    image before it is written."""
+
+    name: str
+    version: str
+
+    def check_image(self, image: Image.Image) -> Verdict:
+        """A :class:`krea2kit.safety.verdict.Verdict` for one RGB ``PIL.Image``."""
+        ...
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """An output writer, selected by ``output.format``.
+
+    extension: the file suffix it writes, with the dot (".png").
+    """
+
+    extension: str
+
+    def write(self, image: Image.Image, path: Path, info: OutputInfo) -> Path:
+        """Write one RGB ``PIL.Image`` at ``path`` (which already ends in ``extension``;
+        its folder exists) atomically (never leave a partial file), with ``info.metadata``.
+        Unless ``info.overwrite``, never replace an existing file: take the next free name or
+        raise ``FileExistsError`` (``krea2kit.output.files.atomic_write`` does both safely).
+        Return the path written."""
+        ...
+
+
+def __getattr__(name: str) -> Any:
+    # OutputInfo (what a Writer receives beside the image) is defined with the code that fills
+    # it in; it is importable from here so plugins need only this module.
+    if name == "OutputInfo":
+        from krea2kit.runtime.outputs import OutputInfo
+
+        return OutputInfo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+#: descriptor kind -> the protocol its ``load`` result satisfies ("filter" depends on the
+#: descriptor's ``target``: see :func:`protocol_for`).
+PROTOCOLS: dict[str, Any] = {
+    "dit": DiTPart,
+    "text_encoder": TextEncoderPart,
+    "vae": VAEPart,
+    "sampler": Sampler,
+    "lora_format": LoraFormat,
+    "slider": Slider,
+    "filter": (PromptFilter, ImageFilter),
+    "writer": Writer,
+}
+
+#: descriptor kind -> where a recipe sets the ``options`` its ``load`` receives.
+OPTIONS_FROM: dict[str, str] = {
+    "dit": "`None` (run-wide model settings are in the context)",
+    "text_encoder": "`None` (run-wide model settings are in the context)",
+    "vae": "`None` (run-wide model settings are in the context)",
+    "sampler": "the `[sampler]` keys beside the common ones (also passed to each call)",
+    "lora_format": "`None`",
+    "slider": "the `[[sliders]]` entry's keys beside `name`, `value`, `kind`",
+    "filter": "`[safety.settings.<filter name>]`",
+    "writer": "`None` (the plugin's `[plugins.<name>]` table is `context.plugin_options`)",
+}
+
+#: kinds whose ``load`` reads weights from ``context.location``.
+LOADS_WEIGHTS = ("dit", "text_encoder", "vae")
+
+
+def protocol_for(kind: str, target: str = "image") -> Any:
+    """The protocol a part of ``kind`` satisfies (filters: by ``target``)."""
+    if kind == "filter":
+        return PromptFilter if target == "prompt" else ImageFilter
+    return PROTOCOLS[kind]
+
+
+def size_multiple(vae: VAEPart, dit: DiTPart) -> int:
+    """Pixels per transformer token side: image sizes are multiples of this."""
+    return int(vae.contract.factor) * int(dit.patch_size)
+
+
+#: How the host calls each protocol method: (positional argument count, keyword names).
+#: The conformance checker binds these against a part's real signatures.
+HOST_CALLS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "make_denoiser": (2, ("guidance", "latent_size")),
+    "encode": (1, ()),
+    "take_warnings": (0, ()),
+    "decode": (1, ()),
+    "__call__": (3, ("generator", "callback")),
+    "detect": (2, ()),
+    "parse": (1, ("strict", "name")),
+    "strength_fns": (1, ()),
+    "check_prompt": (1, ()),
+    "check_image": (1, ()),
+    "write": (3, ()),
+}
+
+
+def protocol_members(protocol: Any) -> tuple[list[str], list[str]]:
+    """``(attributes, methods)`` a protocol declares, in declaration order."""
+    attributes = list(getattr(protocol, "__annotations__", {}))
+    methods = [name for name, value in vars(protocol).items()
+               if callable(value) and name in HOST_CALLS]
+    return attributes, methods
+
+
+def missing_members(part: Any, protocol: Any) -> list[str]:
+    """What ``part`` lacks of ``protocol``: attribute and method names, with ``()`` on
+    methods; ``[]`` when it has them all. Cheap (no call), so the host runs it on every load."""
+    attributes, methods = protocol_members(protocol)
+    missing = [name for name in attributes if not hasattr(part, name)]
+    for name in methods:
+        target = part if name == "__call__" else getattr(part, name, None)
+        if target is None or not callable(target):
+            missing.append(f"{name}()")
+    return missing
+
+
+def _call_text(protocol: Any, method: str) -> str:
+    """``name(a, b, *, c)`` from a protocol method's own signature (without ``self``)."""
+    import inspect
+
+    sig = inspect.signature(getattr(protocol, method))
+    parts: list[str] = []
+    star = False
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind is p.KEYWORD_ONLY and not star:
+            parts.append("*")
+            star = True
+        if p.kind is p.VAR_POSITIONAL:
+            star = True
+            parts.append(f"*{p.name}")
+        elif p.kind is p.VAR_KEYWORD:
+            parts.append(f"**{p.name}")
+        else:
+            parts.append(p.name + ("" if p.default is p.empty else f"={p.default!r}"))
+    shown = "sampler" if method == "__call__" else method
+    return f"{shown}({', '.join(parts)})"
+
+
+def contributing_table() -> str:
+    """The part-kind table of CONTRIBUTING.md ("Writing a plugin"), generated from the
+    protocols above; ``tests/contracts/test_contributing_table.py`` keeps the two equal."""
+    from krea2kit.registry import HOOK_KINDS
+
+    rows = ["| hook | descriptor | `load(options, context)` returns | `options` come from |", "|---|---|---|---|"]
+    for hook, cls in HOOK_KINDS.items():
+        if cls.kind not in PROTOCOLS:
+            continue
+        protocols = PROTOCOLS[cls.kind]
+        cells = []
+        for protocol in protocols if isinstance(protocols, tuple) else (protocols,):
+            attributes, methods = protocol_members(protocol)
+            members = [f"`{a}`" for a in attributes] + [f"`{_call_text(protocol, m)}`" for m in methods]
+            cells.append(f"`{protocol.__name__}`: " + ", ".join(members))
+        rows.append(f"| `{hook}` | `{cls.__name__}` | {' / '.join(cells)} | {OPTIONS_FROM[cls.kind]} |")
+    return "\n".join(rows)
