@@ -34,8 +34,8 @@ def _sync(device: str) -> None:
 
 
 def main(argv=None) -> int:
-    from krea2kit.adapters.formats import native_to_diffusers, parse_lora_state_dict
-    from krea2kit.adapters.runtime import attach_adapters, merge_into
+    from krea2kit.lora.formats import native_to_diffusers, parse_lora_state_dict
+    from krea2kit.lora.apply import attach_adapters, merge_into
     from dit_sizes import dit_size
 
     from krea2kit.models.dit import SingleStreamDiT

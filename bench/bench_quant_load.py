@@ -5,7 +5,7 @@ layout: bf16 block matmuls, fp32 norms / modulations / embedders), writes an ``f
 copy of it in ComfyUI's layout (streamed: comfy-kitchen quantizes one tensor at a time), then
 loads each variant in a fresh subprocess and touches every weight once:
 
-  fp8 on load     krea2kit.quant.onload.load_dit_quantizing(bf16 file, "fp8")
+  fp8 on load     krea2kit.models.quant.onload.load_dit_quantizing(bf16 file, "fp8")
   int8 on load    the same with "int8" (ConvRot where the width allows)
   fp8_scaled      load_dit(the fp8_scaled file): QuantLinear storage from the file
   bf16            load_dit(bf16 file, dtype=bf16), for comparison
@@ -40,8 +40,8 @@ def write_fp8_scaled(src: Path, dst: Path) -> int:
     from comfy_kitchen.tensor import QuantizedTensor
 
     from krea2kit.models.weights import open_checkpoint
-    from krea2kit.quant import keeps_full_precision
-    from krea2kit.quant.onload import stream_tensors
+    from krea2kit.models.quant import keeps_full_precision
+    from krea2kit.models.quant.onload import stream_tensors
 
     ckpt = open_checkpoint(src)
     prefix = "model.diffusion_model."
@@ -87,8 +87,8 @@ def child(variant: str) -> None:
     import comfy_kitchen  # noqa: F401  (imported before the measurement: ~90 MB of kernels)
     from comfy_kitchen.tensor import QuantizedTensor  # noqa: F401
     from krea2kit.models.dit_loader import load_dit
-    from krea2kit.quant.load import resident_nbytes
-    from krea2kit.quant.onload import load_dit_quantizing
+    from krea2kit.models.quant.load import resident_nbytes
+    from krea2kit.models.quant.onload import load_dit_quantizing
 
     before = _status("VmRSS")
     t0 = time.perf_counter()

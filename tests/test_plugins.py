@@ -201,7 +201,7 @@ class TxtLora:
         return metadata.get("format") == "toy"
 
     def parse(self, path, *, strict=False, name=None):
-        from krea2kit.adapters.formats import parse_lora_state_dict
+        from krea2kit.lora.formats import parse_lora_state_dict
         tensors = {"diffusion_model.first.lora_A.weight": torch.ones(1, 64),
                    "diffusion_model.first.lora_B.weight": torch.ones(128, 1)}
         lora = parse_lora_state_dict(tensors, {}, path=str(path), name=name or "toy")

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from krea2kit.pipeline import Events, Pipeline, Record
-from krea2kit.recipe.loader import LoadedRecipe, apply_overrides, check_image_loras, load_recipe_source, parse_toml
+from krea2kit.recipe.loader import LoadedRecipe, apply_overrides, check_image_loras, load_recipe_source
+from krea2kit.tomlfiles import parse_toml
 from krea2kit.recipe.plan import Plan, plan_recipe
 from krea2kit.settings import Settings, get_settings
 

@@ -133,20 +133,20 @@ def register_lora_formats(register):
         ("lycoris", "SimpleTuner LyCORIS names (lycoris_<diffusers name>), fused q/k/v split"),
     ):
         register(LoraFormatDescriptor(name=module.replace("_", "-"), summary=summary,
-                                      load=f"krea2kit.adapters.formats.{module}:load"))
+                                      load=f"krea2kit.lora.formats.{module}:load"))
 
 
 @hookimpl
 def register_sliders(register):
     register(SliderDescriptor(
         name="lora", summary="Drive [[loras]] strengths with one value (concept sliders, style dials)",
-        load="krea2kit.parts.sliders:load", options="krea2kit.parts.sliders:LoraSliderOptions",
+        load="krea2kit.parts.sliders:load", options="krea2kit.lora.sliders:LoraSliderOptions",
         check_options={"lora": "detail", "range": [-2.0, 2.0]}))
 
 
 @hookimpl
 def register_commands(cli):
-    from krea2kit.adapters.cli import lora_group
+    from krea2kit.cli.lora_cmd import lora_group
     from krea2kit.cli.vae_cmd import vae
 
     cli.add_command(vae)

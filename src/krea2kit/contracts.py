@@ -1,8 +1,8 @@
 """The plugin contract: what the host calls on every kind of part, as typed protocols.
 
-This module is the reference for plugin authors (CONTRIBUTING.md's table is checked
-against it by ``tests/contracts/test_contributing_table.py``). It imports nothing heavy:
-tensor types appear only in annotations.
+This module is the reference for plugin authors (CONTRIBUTING.md's table is generated
+from it by :func:`krea2kit.registry.contributing_table` and checked by a test). It
+imports nothing heavy: tensor types appear only in annotations.
 
 **One load convention for every kind.** A descriptor's ``load`` is called as::
 
@@ -50,8 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only; keeps torch off the li
     import torch
     from PIL import Image
 
-    from krea2kit.adapters.formats import LoraFile
-    from krea2kit.runtime.outputs import OutputInfo
+    from krea2kit.lora.formats import LoraFile
     from krea2kit.safety.verdict import Verdict
     from krea2kit.settings import Settings
 
@@ -67,7 +66,7 @@ __all__ = [
     "LoadContext", "OutputInfo", "LatentContract", "PartLoader",
     "Denoiser", "StepCallback", "DiTPart", "TextEncoderPart", "VAEPart", "Sampler", "LoraFormat",
     "Slider", "PromptFilter", "ImageFilter", "Writer", "PROTOCOLS", "OPTIONS_FROM", "LOADS_WEIGHTS",
-    "HOST_CALLS", "protocol_for", "protocol_members", "missing_members", "size_multiple", "contributing_table",
+    "HOST_CALLS", "protocol_for", "protocol_members", "missing_members", "size_multiple",
 ]
 
 
@@ -236,7 +235,7 @@ class LoraFormat(Protocol):
         ...
 
     def parse(self, path: str | Path, *, strict: bool = False, name: str | None = None) -> LoraFile:
-        """Read the file into krea2kit's per-module form (:class:`krea2kit.adapters.formats.LoraFile`).
+        """Read the file into krea2kit's per-module form (:class:`krea2kit.lora.formats.LoraFile`).
         ``strict``: keys that match no module are an error instead of a warning."""
         ...
 
@@ -291,6 +290,22 @@ class ImageFilter(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class OutputInfo:
+    """What the host hands a :class:`Writer` besides the image (filled in per image by the run)."""
+
+    metadata: Any  # krea2kit.output.metadata.ImageMetadata
+    prompt: str | None  # None when the recipe keeps prompts private
+    negative: str | None
+    seed: int
+    index: int
+    quality: int | None = None
+    # Replace an existing file (output.overwrite); otherwise the writer must not: it takes the
+    # next free -2, -3 … name (krea2kit's writers) or raises FileExistsError (OutputPlanner.write
+    # then tries the next name). Set by OutputPlanner.write.
+    overwrite: bool = False
+
+
 @runtime_checkable
 class Writer(Protocol):
     """An output writer, selected by ``output.format``.
@@ -304,19 +319,11 @@ class Writer(Protocol):
         """Write one RGB ``PIL.Image`` at ``path`` (which already ends in ``extension``;
         its folder exists) atomically (never leave a partial file), with ``info.metadata``.
         Unless ``info.overwrite``, never replace an existing file: take the next free name or
-        raise ``FileExistsError`` (``krea2kit.output.files.atomic_write`` does both safely).
+        raise ``FileExistsError`` (``krea2kit.files.atomic_write`` does both safely).
         Return the path written."""
         ...
 
 
-def __getattr__(name: str) -> Any:
-    # OutputInfo (what a Writer receives beside the image) is defined with the code that fills
-    # it in; it is importable from here so plugins need only this module.
-    if name == "OutputInfo":
-        from krea2kit.runtime.outputs import OutputInfo
-
-        return OutputInfo
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 #: descriptor kind -> the protocol its ``load`` result satisfies ("filter" depends on the
@@ -395,44 +402,3 @@ def missing_members(part: Any, protocol: Any) -> list[str]:
         if target is None or not callable(target):
             missing.append(f"{name}()")
     return missing
-
-
-def _call_text(protocol: Any, method: str) -> str:
-    """``name(a, b, *, c)`` from a protocol method's own signature (without ``self``)."""
-    import inspect
-
-    sig = inspect.signature(getattr(protocol, method))
-    parts: list[str] = []
-    star = False
-    for p in list(sig.parameters.values())[1:]:
-        if p.kind is p.KEYWORD_ONLY and not star:
-            parts.append("*")
-            star = True
-        if p.kind is p.VAR_POSITIONAL:
-            star = True
-            parts.append(f"*{p.name}")
-        elif p.kind is p.VAR_KEYWORD:
-            parts.append(f"**{p.name}")
-        else:
-            parts.append(p.name + ("" if p.default is p.empty else f"={p.default!r}"))
-    shown = "sampler" if method == "__call__" else method
-    return f"{shown}({', '.join(parts)})"
-
-
-def contributing_table() -> str:
-    """The part-kind table of CONTRIBUTING.md ("Writing a plugin"), generated from the
-    protocols above; ``tests/contracts/test_contributing_table.py`` keeps the two equal."""
-    from krea2kit.registry import HOOK_KINDS
-
-    rows = ["| hook | descriptor | `load(options, context)` returns | `options` come from |", "|---|---|---|---|"]
-    for hook, cls in HOOK_KINDS.items():
-        if cls.kind not in PROTOCOLS:
-            continue
-        protocols = PROTOCOLS[cls.kind]
-        cells = []
-        for protocol in protocols if isinstance(protocols, tuple) else (protocols,):
-            attributes, methods = protocol_members(protocol)
-            members = [f"`{a}`" for a in attributes] + [f"`{_call_text(protocol, m)}`" for m in methods]
-            cells.append(f"`{protocol.__name__}`: " + ", ".join(members))
-        rows.append(f"| `{hook}` | `{cls.__name__}` | {' / '.join(cells)} | {OPTIONS_FROM[cls.kind]} |")
-    return "\n".join(rows)

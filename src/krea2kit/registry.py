@@ -99,7 +99,7 @@ class Descriptor:
                     file=file, key=where,
                 )
             return None
-        from krea2kit.recipe.errors import validate_model
+        from krea2kit.validation import validate_model
 
         return validate_model(model, values, file=file, prefix=where)
 
@@ -263,7 +263,7 @@ class Registry:
                 file=file, key=key,
                 hint=f"name the one you want as 'PLUGIN:{name}', or choose plugins with KREA2KIT_PLUGINS",
             )
-        from krea2kit.recipe.errors import did_you_mean
+        from krea2kit.validation import did_you_mean
 
         known = self.names(kind)
         label = kind.replace("_", " ")
@@ -272,3 +272,44 @@ class Registry:
             file=file, key=key,
             hint=f"registered {label}s: {', '.join(known) or 'none'} (see `krea2kit plugins`)",
         )
+
+
+def _call_text(protocol: Any, method: str) -> str:
+    """``name(a, b, *, c)`` from a protocol method's own signature (without ``self``)."""
+    import inspect
+
+    sig = inspect.signature(getattr(protocol, method))
+    parts: list[str] = []
+    star = False
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind is p.KEYWORD_ONLY and not star:
+            parts.append("*")
+            star = True
+        if p.kind is p.VAR_POSITIONAL:
+            star = True
+            parts.append(f"*{p.name}")
+        elif p.kind is p.VAR_KEYWORD:
+            parts.append(f"**{p.name}")
+        else:
+            parts.append(p.name + ("" if p.default is p.empty else f"={p.default!r}"))
+    shown = "sampler" if method == "__call__" else method
+    return f"{shown}({', '.join(parts)})"
+
+
+def contributing_table() -> str:
+    """The part-kind table of CONTRIBUTING.md ("Writing a plugin"), generated from the
+    protocols of :mod:`krea2kit.contracts`; ``tests/contracts/test_contributing_table.py`` keeps the two equal."""
+    from krea2kit.contracts import OPTIONS_FROM, PROTOCOLS, protocol_members
+
+    rows = ["| hook | descriptor | `load(options, context)` returns | `options` come from |", "|---|---|---|---|"]
+    for hook, cls in HOOK_KINDS.items():
+        if cls.kind not in PROTOCOLS:
+            continue
+        protocols = PROTOCOLS[cls.kind]
+        cells = []
+        for protocol in protocols if isinstance(protocols, tuple) else (protocols,):
+            attributes, methods = protocol_members(protocol)
+            members = [f"`{a}`" for a in attributes] + [f"`{_call_text(protocol, m)}`" for m in methods]
+            cells.append(f"`{protocol.__name__}`: " + ", ".join(members))
+        rows.append(f"| `{hook}` | `{cls.__name__}` | {' / '.join(cells)} | {OPTIONS_FROM[cls.kind]} |")
+    return "\n".join(rows)

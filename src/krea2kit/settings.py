@@ -11,7 +11,6 @@ here because a recipe must not be able to change them.
 from __future__ import annotations
 
 import os
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -102,8 +101,8 @@ class Settings(_Strict):
 def load_settings(path: Path | None = None) -> Settings:
     """Read the settings file (a missing file means defaults)."""
     from krea2kit.errors import RecipeError
-    from krea2kit.recipe.errors import validate_model
-    from krea2kit.recipe.loader import FileTooLarge, NotARegularFile, parse_toml, read_text_file
+    from krea2kit.validation import validate_model
+    from krea2kit.tomlfiles import FileTooLarge, NotARegularFile, parse_toml, read_text_file
 
     path = path or config_path()
     data: dict[str, Any] = {}

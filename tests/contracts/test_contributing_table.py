@@ -6,7 +6,8 @@ import re
 
 from contributing_examples import CONTRIBUTING
 
-from krea2kit.contracts import PROTOCOLS, contributing_table
+from krea2kit.contracts import PROTOCOLS
+from krea2kit.registry import contributing_table
 from krea2kit.registry import HOOK_KINDS
 
 

@@ -67,7 +67,7 @@ def test_flattened_spellings_read_back_for_every_linear_of_the_full_model():
 
 
 def test_weight_loader_and_lora_reader_share_the_table():
-    from krea2kit.adapters import formats
+    from krea2kit.lora import formats
 
     assert dit_loader.native_to_diffusers is key_names.native_to_diffusers
     assert dit_loader.diffusers_to_native is key_names.diffusers_to_native

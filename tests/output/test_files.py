@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from krea2kit.output import files
-from krea2kit.output.files import (NameTaken, OutputError, atomic_save, atomic_write, is_temp_name,
+from krea2kit import files
+from krea2kit.files import (NameTaken, OutputError, atomic_save, atomic_write, is_temp_name,
                                    numbered_names, remove_temp_files, temp_name_for)
 from krea2kit.output.metadata import ImageMetadata
 from krea2kit.output.writers import write_image

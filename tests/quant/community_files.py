@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from krea2kit.quant import keeps_full_precision
+from krea2kit.models.quant import keeps_full_precision
 
 COMFY_PREFIX = "model.diffusion_model."
 

@@ -21,8 +21,8 @@ def main(path: str, mode: str) -> None:
     import torch
 
     from krea2kit.models.dit_loader import load_dit
-    from krea2kit.quant.load import resident_nbytes
-    from krea2kit.quant.onload import load_dit_quantizing
+    from krea2kit.models.quant.load import resident_nbytes
+    from krea2kit.models.quant.onload import load_dit_quantizing
 
     import comfy_kitchen  # noqa: F401  (a fixed ~90 MB of kernels; not what is measured)
     from comfy_kitchen.tensor import QuantizedTensor  # noqa: F401

@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import krea2kit  # noqa: E402
 from krea2kit.errors import WeightsError  # noqa: E402
 from krea2kit.models.dit_loader import load_dit  # noqa: E402
-from krea2kit.quant import keeps_full_precision  # noqa: E402
-from krea2kit.quant.linear import QuantLinear  # noqa: E402
-from krea2kit.quant.load import resident_nbytes  # noqa: E402
+from krea2kit.models.quant import keeps_full_precision  # noqa: E402
+from krea2kit.models.quant.linear import QuantLinear  # noqa: E402
+from krea2kit.models.quant.load import resident_nbytes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from community_files import (  # noqa: E402
@@ -192,8 +192,8 @@ def test_unknown_quantized_layouts_get_one_clear_error(tmp_path, nano_state):
 
 
 def test_lora_on_a_quantized_base_equals_lora_on_its_dequantized_base(tmp_path, nano_state):
-    from krea2kit.adapters.formats import load_lora
-    from krea2kit.adapters.runtime import attach_adapters
+    from krea2kit.lora.formats import load_lora
+    from krea2kit.lora.apply import attach_adapters
 
     path = tmp_path / "int8.safetensors"
     write_comfy(nano_state, path, "int8_convrot")
@@ -298,8 +298,8 @@ def test_cli_refuses_an_unknown_quantized_layout_with_exit_4(cli_inproc, tmp_pat
 def test_merging_a_lora_into_quantized_layers_dequantizes_adds_and_requantizes(tmp_path, nano_state, layout):
     from comfy_kitchen.tensor import QuantizedTensor
 
-    from krea2kit.adapters.formats import load_lora
-    from krea2kit.adapters.runtime import merge_into
+    from krea2kit.lora.formats import load_lora
+    from krea2kit.lora.apply import merge_into
 
     if layout.startswith("gguf"):
         path = tmp_path / "nano.gguf"

@@ -15,7 +15,7 @@ pytest.importorskip("comfy_kitchen")
 
 import krea2kit  # noqa: E402
 from krea2kit.models.text_encoder import load_text_tower  # noqa: E402
-from krea2kit.quant.linear import QuantLinear  # noqa: E402
+from krea2kit.models.quant.linear import QuantLinear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from community_files import write_comfy_text_encoder  # noqa: E402

@@ -22,10 +22,10 @@ import krea2kit  # noqa: E402
 from krea2kit.errors import WeightsError  # noqa: E402
 from krea2kit.models.dit import DiTConfig, build_meta  # noqa: E402
 from krea2kit.models.dit_loader import load_dit  # noqa: E402
-from krea2kit.quant import keeps_full_precision  # noqa: E402
-from krea2kit.quant.linear import QuantLinear  # noqa: E402
-from krea2kit.quant.load import resident_nbytes  # noqa: E402
-from krea2kit.quant.onload import load_dit_quantizing  # noqa: E402
+from krea2kit.models.quant import keeps_full_precision  # noqa: E402
+from krea2kit.models.quant.linear import QuantLinear  # noqa: E402
+from krea2kit.models.quant.load import resident_nbytes  # noqa: E402
+from krea2kit.models.quant.onload import load_dit_quantizing  # noqa: E402
 
 NANO_DIT = Path(krea2kit.__file__).parent / "nano" / "weights" / "turbo" / "model.safetensors"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from krea2kit.errors import EXIT_USAGE, EXIT_WEIGHTS, WeightsError
-from krea2kit.recipe.loader import MAX_NESTING, MAX_RECIPE_BYTES
+from krea2kit.tomlfiles import MAX_NESTING, MAX_RECIPE_BYTES
 from krea2kit.recipe.schema import MAX_SEED
 
 SECRET = "sk-live-7f3a9c1e5b2d4f60"  # looks like a token; must never reach a message
@@ -242,7 +242,7 @@ def test_env_values_hides_every_form_of_a_value(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="/dev/zero")
 def test_read_text_file_refuses_devices_by_kind():
-    from krea2kit.recipe.loader import NotARegularFile, read_text_file
+    from krea2kit.tomlfiles import NotARegularFile, read_text_file
 
     with pytest.raises(NotARegularFile) as err:
         read_text_file(Path("/dev/zero"))

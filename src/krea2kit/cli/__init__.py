@@ -30,7 +30,7 @@ def _interrupted(exc: BaseException | None = None) -> None:
 
     from krea2kit.cli import console
     from krea2kit.errors import EXIT_TERMINATED, Terminated
-    from krea2kit.output.files import remove_temp_files
+    from krea2kit.files import remove_temp_files
 
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the cleanup short
         try:

@@ -15,7 +15,7 @@ LABEL_HEIGHT = 14
 def _slider_index(plan, name: str) -> int:
     names = [s.name for s in plan.recipe.sliders]
     if name not in names:
-        from krea2kit.recipe.errors import did_you_mean
+        from krea2kit.validation import did_you_mean
 
         raise UsageError(f"--sweep names slider {name!r}, which the recipe does not define" + did_you_mean(name, names),
                          key="--sweep", hint=f"recipe sliders: {', '.join(names) or 'none'}")

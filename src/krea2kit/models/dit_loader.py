@@ -166,10 +166,10 @@ def load_dit(
             file=str(p),
             hint=f"point at its transformer/ subfolder: {p / 'transformer'}",
         )
-    from krea2kit.quant.detect import detect_quantization, is_gguf
+    from krea2kit.models.quant.detect import detect_quantization, is_gguf
 
-    if is_gguf(p):  # community GGUF files: read by krea2kit.quant (the gguf package)
-        from krea2kit.quant.load import load_gguf_dit
+    if is_gguf(p):  # community GGUF files: read by krea2kit.models.quant (the gguf package)
+        from krea2kit.models.quant.load import load_gguf_dit
 
         return load_gguf_dit(p, config=config, dtype=dtype, device=device, keep_norms_fp32=keep_norms_fp32)
     ckpt = open_checkpoint(p, what="transformer weights")
@@ -183,9 +183,9 @@ def load_dit(
     except WeightsError as exc:
         exc.file = str(p)
         raise
-    scheme = detect_quantization(ckpt)  # ComfyUI fp8_scaled / int8 / mxfp8 / nvfp4 (krea2kit.quant)
+    scheme = detect_quantization(ckpt)  # ComfyUI fp8_scaled / int8 / mxfp8 / nvfp4 (krea2kit.models.quant)
     if scheme is not None:
-        from krea2kit.quant.load import load_quantized_dit
+        from krea2kit.models.quant.load import load_quantized_dit
 
         return load_quantized_dit(ckpt, scheme=scheme, layout=layout, prefix=prefix, config=config, dtype=dtype,
                                   device=device, keep_norms_fp32=keep_norms_fp32)

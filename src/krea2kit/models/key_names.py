@@ -7,7 +7,7 @@
   under ``transformer.`` when a whole pipeline is saved.
 
 Both the weight loader (:mod:`krea2kit.models.dit_loader`) and the LoRA reader
-(:mod:`krea2kit.adapters.formats`) translate names with this module, so a renamed module
+(:mod:`krea2kit.lora.formats`) translate names with this module, so a renamed module
 is fixed in one row. ``tests/models/test_key_names.py`` checks the rows against the
 reference key lists of both layouts (``tests/fixtures/keys/krea2_native_keys.txt`` and
 ``krea2_diffusers_keys.txt``; 430 tensors each, mapped 1:1). Flattened spellings (``blocks_3_attn_wq``, used by kohya /

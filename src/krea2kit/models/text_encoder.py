@@ -436,9 +436,9 @@ def load_text_tower(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtyp
             f"not a Qwen3-VL text encoder: this file looks like {kind}",
             file=str(p), hint="point the text encoder at Qwen3-VL-4B-Instruct weights (the HF folder or "
                               "ComfyUI's qwen3vl_4b_bf16.safetensors)")
-    from krea2kit.quant.detect import detect_quantization
+    from krea2kit.models.quant.detect import detect_quantization
 
-    scheme = detect_quantization(ckpt)  # ComfyUI fp8_scaled ... encoders: read by krea2kit.quant
+    scheme = detect_quantization(ckpt)  # ComfyUI fp8_scaled ... encoders: read by krea2kit.models.quant
     stored = ckpt.infos[f"{prefix}embed_tokens.weight"].dtype
     if scheme is None and stored not in _STORED_DTYPES:
         raise WeightsError(f"text-encoder weights stored as {stored} in an unknown quantized layout",
@@ -479,7 +479,7 @@ def load_text_tower(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtyp
     if dtype is None:
         dtype = _STORED_DTYPES.get(stored, torch.bfloat16)  # an fp8 embedding table computes in bf16
     if scheme is not None:
-        from krea2kit.quant.load import fill_quantized_text_tower
+        from krea2kit.models.quant.load import fill_quantized_text_tower
 
         fill_quantized_text_tower(tower, ckpt, scheme, key_map=key_map, ignore=ignore, dtype=dtype, device=device)
     else:
@@ -489,16 +489,7 @@ def load_text_tower(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtyp
     return LoadedTower(tower=tower, layout=LANGUAGE_PREFIXES[prefix], files=ckpt.files(), config_source=source)
 
 
-def load_text_encoder(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtype | None = None,
-                      device: str | torch.device = "cpu", tokenizer_path=None):
-    """Shortcut for :func:`krea2kit.conditioning.load_text_encoder` (tower + tokenizer)."""
-    from krea2kit.conditioning import load_text_encoder as _load
-
-    return _load(path, taps=taps, dtype=dtype, device=device, tokenizer_path=tokenizer_path)
-
-
 __all__ = [
     "KREA2_TAPS", "PRESETS", "Qwen3TextConfig", "Qwen3TextTower", "LoadedTower", "config_from_preset",
     "config_from_dict", "config_from_shapes", "detect_language_prefix", "layers_needed", "load_text_tower",
-    "load_text_encoder",
 ]

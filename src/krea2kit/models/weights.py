@@ -382,11 +382,11 @@ def _set_tensor(module: "torch.nn.Module", name: str, tensor: "torch.Tensor") ->
 def save_safetensors_atomic(tensors: Mapping[str, "torch.Tensor"], path: str | os.PathLike,
                             metadata: Mapping[str, str] | None = None, *, overwrite: bool = True) -> Path:
     """Write a safetensors file atomically (hidden temp file in the same folder, then its final
-    name in one step; :mod:`krea2kit.output.files`). ``overwrite=False`` refuses an existing
-    file (:class:`~krea2kit.output.files.NameTaken`, exit 2) instead of replacing it."""
+    name in one step; :mod:`krea2kit.files`). ``overwrite=False`` refuses an existing
+    file (:class:`~krea2kit.files.NameTaken`, exit 2) instead of replacing it."""
     from safetensors.torch import save_file
 
-    from krea2kit.output.files import atomic_save
+    from krea2kit.files import atomic_save
 
     state = {k: v.contiguous() for k, v in tensors.items()}
     return atomic_save(path, lambda tmp: save_file(state, str(tmp), metadata=dict(metadata or {})),

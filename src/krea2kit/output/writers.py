@@ -2,7 +2,7 @@
 
 Atomic: the image is encoded into a hidden temporary file in the destination directory, flushed
 and fsynced, then given its final name in one step (a hard link that fails if the name is taken,
-or ``os.replace`` when overwriting; :mod:`krea2kit.output.files`), so a reader (or a crash) never
+or ``os.replace`` when overwriting; :mod:`krea2kit.files`), so a reader (or a crash) never
 sees a half-written image and two runs never get the same name; on any failure the temporary file
 is removed and the destination is left as it was.
 
@@ -38,7 +38,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import UsageError
-from .files import NameTaken, OutputError, atomic_write
+from ..files import NameTaken, OutputError, atomic_write
 from .metadata import PNG_KEY_KREA2KIT, PNG_KEY_PARAMETERS, PNG_KEY_XMP, ImageMetadata, build_exif
 
 FORMATS = ("png", "jpeg", "webp")
@@ -116,8 +116,8 @@ def write_image(image: Any, path: str | os.PathLike, *, format: str | None = Non
     ``format`` is ``"png"``, ``"jpeg"`` (``"jpg"``) or ``"webp"``; when ``None`` it is taken
     from the file extension. An existing ``path`` is replaced only with ``overwrite=True``;
     otherwise ``numbered=True`` takes the next free ``-2``, ``-3`` … name and without it
-    :class:`~krea2kit.output.files.NameTaken` is raised (checked before encoding, and again,
-    atomically, when the finished file takes its name: see :mod:`krea2kit.output.files`).
+    :class:`~krea2kit.files.NameTaken` is raised (checked before encoding, and again,
+    atomically, when the finished file takes its name: see :mod:`krea2kit.files`).
     """
     path = Path(path)
     if format is None:

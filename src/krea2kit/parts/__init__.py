@@ -9,10 +9,10 @@ def weights_fingerprint(location: str) -> str:
     so two fine-tunes with the same tensor layout are told apart in image metadata."""
     from krea2kit.conditioning import weights_identity
     from krea2kit.models.weights import open_checkpoint
-    from krea2kit.quant.detect import is_gguf
+    from krea2kit.models.quant.detect import is_gguf
 
-    if is_gguf(location):  # no safetensors header to hash (krea2kit.quant reads GGUF transformers)
-        from krea2kit.quant.gguf_reader import gguf_identity
+    if is_gguf(location):  # no safetensors header to hash (krea2kit.models.quant reads GGUF transformers)
+        from krea2kit.models.quant.gguf_reader import gguf_identity
 
         return gguf_identity(location)
     return weights_identity(open_checkpoint(location).files())

@@ -46,5 +46,5 @@ def load(options: None, context: LoadContext) -> DiTPart:
                       keep_norms_fp32=False)
     module.eval()
     identity = weights_fingerprint(context.location)
-    storage = getattr(module, "storage_layout", None)  # quantized files (krea2kit.quant): fp8_scaled, gguf-Q8_0 ...
+    storage = getattr(module, "storage_layout", None)  # quantized files (krea2kit.models.quant): fp8_scaled, gguf-Q8_0 ...
     return DiTPart(module, f"{identity} storage={storage}" if storage else identity, layout=context.layout)

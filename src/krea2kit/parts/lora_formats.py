@@ -3,7 +3,7 @@
 A format part (``register_lora_formats``; :class:`krea2kit.contracts.LoraFormat`) has
 ``detect(keys, metadata) -> bool`` and ``parse(path, *, strict, name) -> LoraFile``.
 Formats from other plugins are asked first (by plugin, then name), then krea2kit's own
-layouts (one module each in :mod:`krea2kit.adapters.formats`). A file no format
+layouts (one module each in :mod:`krea2kit.lora.formats`). A file no format
 recognises goes to krea2kit's reader anyway, which refuses it with the reason (another
 model's LoRA, a text-encoder LoRA, no Krea 2 tensors).
 """
@@ -23,7 +23,7 @@ def ask_order(formats: list[Any]) -> list[Any]:
 
 def open_lora(path: str | os.PathLike, formats: list[Any], *, strict: bool = False, name: str | None = None):
     """Read ``path`` with the first registered format that recognises it."""
-    from krea2kit.adapters.formats import load_lora
+    from krea2kit.lora.formats import load_lora
     from krea2kit.models.weights import open_checkpoint
 
     ckpt = None

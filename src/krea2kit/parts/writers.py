@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from krea2kit.contracts import LoadContext
 
 if TYPE_CHECKING:  # pragma: no cover
-    from krea2kit.runtime.outputs import OutputInfo
+    from krea2kit.contracts import OutputInfo
 
 
 class ImageWriter:
@@ -24,7 +24,7 @@ class ImageWriter:
         from krea2kit.output.writers import write_image
 
         # Never replace a file unless the recipe says so: take the next free -2, -3 … name,
-        # claimed atomically (krea2kit.output.files), and return the name actually used.
+        # claimed atomically (krea2kit.files), and return the name actually used.
         overwrite = bool(getattr(info, "overwrite", False))
         return write_image(image, path, format=self.format, metadata=info.metadata, quality=info.quality,
                            overwrite=overwrite, numbered=not overwrite)

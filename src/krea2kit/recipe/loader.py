@@ -7,9 +7,7 @@ merging still names the right file. Tables merge key by key; arrays (``[[prompts
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,19 +15,10 @@ from typing import Any
 
 from krea2kit.errors import RecipeError, UsageError
 from krea2kit.recipe import SCHEMA_ID
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from krea2kit.tomlfiles import (MAX_NESTING, MAX_RECIPE_BYTES, FileTooLarge, NotARegularFile, check_nesting,
+                                parse_toml, read_text_file, tomllib)
 
 STDIN_NAME = "<stdin>"
-# Recipe files are small text; a larger file (or a device posing as one) is refused before
-# it is read. 1 MiB is hundreds of times the largest real recipe.
-MAX_RECIPE_BYTES = 1 << 20
-# Real recipes nest tables and arrays a handful of levels; deeper data is refused, well
-# before Python's recursion limit is near.
-MAX_NESTING = 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -48,37 +37,9 @@ class LoadedRecipe:
     image_loras: list[dict[str, Any]] = field(default_factory=list)
 
     def file_of(self, key: str) -> str:
-        from krea2kit.recipe.errors import file_for
+        from krea2kit.validation import file_for
 
         return file_for(key, self.provenance, self.path) or self.path
-
-
-def parse_toml(text: str, file: str) -> dict[str, Any]:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"invalid TOML: {exc}", file=file, hint="check quotes, brackets and '=' near that line") from None
-    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
-        raise RecipeError(f"invalid TOML: nested more than {MAX_NESTING} levels deep", file=file,
-                          hint="a recipe needs a few levels of tables and arrays, not hundreds") from None
-    check_nesting(data, file)
-    return data
-
-
-def check_nesting(data: Any, file: str) -> None:
-    """Refuse data nested deeper than :data:`MAX_NESTING` (walked without recursion), so
-    nothing downstream (merging, validation, metadata) recurses into it."""
-    stack: list[tuple[Any, int, str]] = [(data, 0, "")]
-    while stack:
-        node, depth, key = stack.pop()
-        if depth > MAX_NESTING:
-            raise RecipeError(f"tables and arrays are nested more than {MAX_NESTING} levels deep",
-                              file=file, key=re.split(r"[.\[]", key, maxsplit=1)[0] or None,
-                              hint="a recipe needs a few levels of tables and arrays, not hundreds")
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1, f"{key}.{k}" if key else str(k)) for k, v in node.items())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1, f"{key}[{i}]") for i, v in enumerate(node))
 
 
 def _record(data: dict[str, Any], file: str, provenance: dict[str, str], prefix: str = "") -> None:
@@ -97,66 +58,6 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-class NotARegularFile(OSError):
-    """A path that names a folder, FIFO, device or socket (``kind`` says which, in words)."""
-
-    def __init__(self, kind: str):
-        super().__init__(kind)
-        self.kind = kind
-
-
-class FileTooLarge(OSError):
-    """A regular file over the size limit (``size``: its size, or what was read of it)."""
-
-    def __init__(self, size: int):
-        super().__init__(f"{size} bytes")
-        self.size = size
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def read_text_file(path: Path, *, limit: int = MAX_RECIPE_BYTES) -> str:
-    """The UTF-8 text of a regular file of at most ``limit`` bytes.
-
-    Anything else (a folder, a FIFO, a device such as /dev/zero, a file that is too large)
-    raises :class:`NotARegularFile` or :class:`FileTooLarge` without reading it, and without
-    blocking: the path is checked before it is opened, opened non-blocking, checked again on
-    the open descriptor (it may have been swapped in between) and read to the limit only.
-    """
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise NotARegularFile(_file_kind(mode))
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotARegularFile(_file_kind(info.st_mode))
-        if info.st_size > limit:
-            raise FileTooLarge(info.st_size)
-        chunks, total = [], 0
-        while total <= limit:  # the file may grow after fstat: never read more than the limit + 1
-            chunk = os.read(fd, limit + 1 - total)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > limit:
-            raise FileTooLarge(total)
-    finally:
-        os.close(fd)
-    # Line endings become "\n" as Path.read_text made them; a UTF-8 byte-order mark (some
-    # Windows editors write one) is dropped rather than reported as invalid TOML.
-    return b"".join(chunks).decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _load_file(path: Path, chain: tuple[Path, ...], provenance: dict[str, str]) -> dict[str, Any]:
@@ -390,7 +291,7 @@ def _prompt_record(obj: Any, where: dict[str, str]) -> dict[str, Any]:
 
     import pydantic
 
-    from krea2kit.recipe.errors import dotted
+    from krea2kit.validation import dotted
     from krea2kit.recipe.schema import PromptEntry
 
     if not isinstance(obj, dict):

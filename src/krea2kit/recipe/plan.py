@@ -12,7 +12,7 @@ from typing import Any
 
 from krea2kit import env_values
 from krea2kit.errors import RecipeError
-from krea2kit.recipe.errors import did_you_mean, validate_model
+from krea2kit.validation import did_you_mean, validate_model
 from krea2kit.recipe.loader import LoadedRecipe, ensure_schema_id
 from krea2kit.recipe.schema import EnvRef, Recipe
 from krea2kit.registry import Descriptor, ModelDescriptor, Registry
@@ -256,7 +256,7 @@ def _resolve_lora_paths(recipe: Recipe, loaded: LoadedRecipe) -> None:
 
 def _check_file_names(plan: Plan) -> None:
     """Output folder, names, quality and metadata size: RecipeErrors naming their output.* key."""
-    from krea2kit.runtime.outputs import check_outputs
+    from krea2kit.recipe.outputs import check_outputs
 
     check_outputs(plan)
 

@@ -23,8 +23,8 @@ class _Scaled:
 
 def lora_strengths(plan: Plan) -> dict[str, Any]:
     """``{lora name: fn(step, total)}`` for every [[loras]] entry, sliders applied."""
-    from krea2kit.adapters.runtime import StepSchedule
-    from krea2kit.adapters.sliders import combine_strengths
+    from krea2kit.lora.apply import StepSchedule
+    from krea2kit.lora.sliders import combine_strengths
 
     sliders = []
     bound: set[str] = set()
@@ -47,7 +47,7 @@ def lora_strengths(plan: Plan) -> dict[str, Any]:
 
 
 def attach_recipe_loras(plan: Plan, dit: Any, *, events) -> Any:
-    from krea2kit.adapters.runtime import attach_adapters
+    from krea2kit.lora.apply import attach_adapters
     from krea2kit.parts.lora_formats import open_lora
 
     strengths = lora_strengths(plan)

@@ -15,7 +15,7 @@ def check_destination(src: Path, dest: Path, *, overwrite: bool) -> None:
     replaced only with --overwrite, never the input itself, and the folder must be usable."""
     import os
 
-    from krea2kit.output.files import refuse_existing
+    from krea2kit.files import refuse_existing
 
     if dest.suffix.lower() != ".png":
         raise UsageError(f"{dest}: the reconstruction is written as PNG; give a name ending in .png", key="--out")

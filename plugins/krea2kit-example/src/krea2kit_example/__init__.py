@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from krea2kit.contracts import LoadContext, OutputInfo
 from krea2kit.hookspecs import hookimpl
-from krea2kit.output.files import atomic_write
+from krea2kit.files import atomic_write
 from krea2kit.registry import OptionsDescriptor, WriterDescriptor
 
 PLUGIN = "krea2kit-example"

@@ -10,14 +10,14 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from krea2kit.adapters.cli import lora_group, register_commands
-from krea2kit.adapters.convert import lora_to_state_dict, write_lora
-from krea2kit.adapters.formats import load_lora, parse_lora_state_dict
+from krea2kit.cli.lora_cmd import lora_group, register_commands
+from krea2kit.lora.convert import lora_to_state_dict, write_lora
+from krea2kit.lora.formats import load_lora, parse_lora_state_dict
 from krea2kit.errors import UsageError, WeightsError
 
 from conftest import random_lora_deltas, tiny_dit
 from test_formats import layout_state_dict
-from test_runtime import mixed_lora
+from test_apply import mixed_lora
 
 
 def _same_deltas(a, b, atol=1e-6):

@@ -23,9 +23,9 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from support.presets import TINY_DIT  # noqa: E402
 
-from krea2kit.adapters.convert import kron_split, write_lora  # noqa: E402
-from krea2kit.adapters.formats import load_lora, native_to_diffusers  # noqa: E402
-from krea2kit.adapters.runtime import attach_adapters, merge_into  # noqa: E402
+from krea2kit.lora.convert import kron_split, write_lora  # noqa: E402
+from krea2kit.lora.formats import load_lora, native_to_diffusers  # noqa: E402
+from krea2kit.lora.apply import attach_adapters, merge_into  # noqa: E402
 from krea2kit.errors import WeightsError  # noqa: E402
 from krea2kit.models.dit_loader import load_dit  # noqa: E402
 
@@ -206,7 +206,7 @@ def test_lokr_through_the_cli_and_pipeline_loader_limit(models, tmp_path):
     from click.testing import CliRunner
     from diffusers.loaders.lora_pipeline import Krea2LoraLoaderMixin
 
-    from krea2kit.adapters.cli import lora_group
+    from krea2kit.cli.lora_cmd import lora_group
 
     src = _lycoris_lokr(models, tmp_path)
     out = tmp_path / "cli-lokr.safetensors"

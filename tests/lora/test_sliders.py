@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from krea2kit.adapters.runtime import attach_adapters
-from krea2kit.adapters.sliders import Slider, SliderBinding, combine_strengths
+from krea2kit.lora.apply import attach_adapters
+from krea2kit.lora.sliders import Slider, SliderBinding, combine_strengths
 from krea2kit.errors import UsageError
 
 from conftest import run
-from test_runtime import lora_from
+from test_apply import lora_from
 
 
 def test_gain_and_points_mappings():

@@ -6,7 +6,7 @@ as ComfyUI re-quantizes weights (fp8: per-tensor scale ``amax / 448``; int8: per
 the ConvRot group rotation where the width allows, as Comfy-Org's ``int8_convrot`` files),
 and the full-precision tensor is dropped before the next is read. Peak host memory is the
 quantized model plus one full-precision tensor. What every community quantizer keeps in
-full precision stays so (:data:`krea2kit.quant.KEEP_FULL_PRECISION`, norms, modulations).
+full precision stays so (:data:`krea2kit.models.quant.KEEP_FULL_PRECISION`, norms, modulations).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from krea2kit.errors import WeightsError
-from krea2kit.quant import keeps_full_precision
-from krea2kit.quant.linear import QuantLinear
+from krea2kit.models.quant import keeps_full_precision
+from krea2kit.models.quant.linear import QuantLinear
 
 #: recipe value -> ComfyUI layer format written / computed.
 WEIGHTS_DTYPES = {
@@ -92,8 +92,8 @@ def load_dit_quantizing(path: str | os.PathLike, weights_dtype: str, *, config=N
     from krea2kit.models.dit import build_meta
     from krea2kit.models.dit_loader import detect_layout, diffusers_to_native, dit_config_from_checkpoint
     from krea2kit.models.weights import open_checkpoint, summarize_names
-    from krea2kit.quant.comfy import ComfyCodec, require_comfy_kitchen
-    from krea2kit.quant.detect import detect_quantization
+    from krea2kit.models.quant.comfy import ComfyCodec, require_comfy_kitchen
+    from krea2kit.models.quant.detect import detect_quantization
 
     if weights_dtype not in WEIGHTS_DTYPES:
         raise ValueError(f"weights_dtype must be one of {sorted(WEIGHTS_DTYPES)}, not {weights_dtype!r}")

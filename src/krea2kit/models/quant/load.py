@@ -1,7 +1,7 @@
 """Filling models from quantized files (ComfyUI layouts or GGUF): the transformer and the text tower.
 
 The model is built on the meta device; each quantized Linear is swapped for a
-:class:`~krea2kit.quant.linear.QuantLinear` holding the file's storage, and every tensor is
+:class:`~krea2kit.models.quant.linear.QuantLinear` holding the file's storage, and every tensor is
 read once from the memory-mapped file, so the loaded model's resident size is the file's
 size plus the full-precision layers, never the dequantized model. A quantized tensor that is
 not a Linear's weight (an fp8 embedding table) is dequantized once at load, as ComfyUI's
@@ -18,7 +18,7 @@ from torch import nn
 
 from krea2kit.errors import WeightsError
 from krea2kit.models.weights import Checkpoint, TensorInfo, summarize_names
-from krea2kit.quant.linear import QuantLinear
+from krea2kit.models.quant.linear import QuantLinear
 
 #: compute dtype when the caller forces none: ComfyUI's default for these files.
 DEFAULT_COMPUTE_DTYPE = torch.bfloat16
@@ -38,7 +38,7 @@ class _Plan:
 
 
 def _plan_safetensors(ckpt: Checkpoint, scheme, key_map: KeyMap, ignore) -> _Plan:
-    from krea2kit.quant.comfy import ComfyCodec, require_comfy_kitchen
+    from krea2kit.models.quant.comfy import ComfyCodec, require_comfy_kitchen
 
     require_comfy_kitchen(str(ckpt.path), scheme.layout)
     plan = _Plan()
@@ -79,7 +79,7 @@ def _plan_safetensors(ckpt: Checkpoint, scheme, key_map: KeyMap, ignore) -> _Pla
 
 
 def _plan_gguf(ckpt, key_map: KeyMap) -> _Plan:
-    from krea2kit.quant.gguf_reader import GGUFCodec
+    from krea2kit.models.quant.gguf_reader import GGUFCodec
 
     plan = _Plan()
     plan.gguf = True
@@ -244,7 +244,7 @@ def load_quantized_dit(ckpt, *, scheme=None, layout: str, prefix: str, config=No
     """A :class:`~krea2kit.models.dit.SingleStreamDiT` from a quantized checkpoint.
 
     ckpt: an open safetensors :class:`Checkpoint` (with its :class:`QuantScheme` in ``scheme``)
-        or a :class:`~krea2kit.quant.gguf_reader.GGUFCheckpoint` (``scheme=None``).
+        or a :class:`~krea2kit.models.quant.gguf_reader.GGUFCheckpoint` (``scheme=None``).
     layout/prefix: from :func:`krea2kit.models.dit_loader.detect_layout` (native or comfyui).
     dtype: the compute dtype (quantized layers dequantize to it, the other tensors are cast to
         it); default bf16 for quantized layers and the stored dtype for the rest.
@@ -273,7 +273,7 @@ def load_quantized_dit(ckpt, *, scheme=None, layout: str, prefix: str, config=No
 def load_gguf_dit(path, *, config=None, dtype=None, device="cpu", keep_norms_fp32: bool = True):
     """A transformer from a GGUF file (keys in the native or ComfyUI layout)."""
     from krea2kit.models.dit_loader import detect_layout
-    from krea2kit.quant.gguf_reader import open_gguf
+    from krea2kit.models.quant.gguf_reader import open_gguf
 
     ckpt = open_gguf(path)
     try:

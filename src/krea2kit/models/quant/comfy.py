@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from krea2kit.errors import WeightsError
-from krea2kit.quant.detect import COMFY_FORMATS
+from krea2kit.models.quant.detect import COMFY_FORMATS
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -38,7 +38,7 @@ def _roundup(n: int, m: int) -> int:
 class ComfyCodec:
     """One layer's ComfyUI format: its storage tensors and how to dequantize them."""
 
-    #: file suffix -> buffer name in :class:`~krea2kit.quant.linear.QuantLinear`.
+    #: file suffix -> buffer name in :class:`~krea2kit.models.quant.linear.QuantLinear`.
     BUFFERS = {"weight": "qweight", "weight_scale": "weight_scale", "weight_scale_2": "weight_scale_2"}
 
     def __init__(self, conf: dict):

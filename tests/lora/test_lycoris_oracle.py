@@ -19,7 +19,7 @@ from lycoris.functional.general import weight_decompose  # noqa: E402
 from lycoris.modules.loha import LohaModule  # noqa: E402
 from lycoris.modules.lokr import LokrModule  # noqa: E402
 
-from krea2kit.adapters.formats import parse_lora_state_dict  # noqa: E402
+from krea2kit.lora.formats import parse_lora_state_dict  # noqa: E402
 
 OUT, IN = 128, 64  # stands in for a Krea 2 Linear; loaded under blocks.0.mlp.gate's names
 

@@ -20,8 +20,8 @@ from torch import nn
 class QuantLinear(nn.Linear):
     """``y = x W^T + b`` with ``W = codec.dequantize(storage)`` computed per call.
 
-    codec: a :class:`~krea2kit.quant.comfy.ComfyCodec` or
-        :class:`~krea2kit.quant.gguf_reader.GGUFCodec` (storage layout and dequantization).
+    codec: a :class:`~krea2kit.models.quant.comfy.ComfyCodec` or
+        :class:`~krea2kit.models.quant.gguf_reader.GGUFCodec` (storage layout and dequantization).
     compute_dtype: the dtype the weight is dequantized to; inputs are cast to it and the
         output is returned in the input's dtype (as :class:`krea2kit.models.dit.Linear`).
     """

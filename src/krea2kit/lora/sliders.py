@@ -8,7 +8,7 @@ keeps the slider off during the first part of sampling to preserve composition
 
 A :class:`Slider` of kind ``"lora"`` (the ``[[sliders]]`` kind) binds one or more LoRAs, each with its own
 value -> strength mapping (a gain, or piecewise-linear points), and yields per-LoRA
-strength functions ``fn(step, total)`` for :func:`krea2kit.adapters.runtime.attach_adapters`.
+strength functions ``fn(step, total)`` for :func:`krea2kit.lora.apply.attach_adapters`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,54 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from krea2kit.adapters.runtime import StepSchedule, StrengthFn
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from krea2kit.errors import UsageError
+from krea2kit.lora.apply import StepSchedule, StrengthFn
 
 #: The one name of this slider kind: registered under it (builtins) and written in recipes.
 SLIDER_KIND = "lora"
 SLIDER_KINDS = (SLIDER_KIND,)
 #: default slider range (ai-toolkit's slider samples and ComfyUI use about ±5; notes §2.2).
 DEFAULT_RANGE = (-5.0, 5.0)
+
+
+class Binding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lora: str
+    gain: float = 1.0
+    points: list[tuple[float, float]] | None = Field(
+        None, description="piecewise-linear [value, strength] pairs instead of gain x value")
+
+
+class LoraSliderOptions(BaseModel):
+    """``[[sliders]]`` keys of kind "lora" (besides name, value, kind)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora: str | None = Field(None, description="The [[loras]] name this slider drives")
+    loras: list[str | Binding] | None = Field(None, description="Several LoRAs, each with its own gain or points")
+    gain: float = 1.0
+    points: list[tuple[float, float]] | None = None
+    range: tuple[float, float] = (-5.0, 5.0)
+    default: float = 0.0
+    start_step: int = Field(0, ge=0, description="Apply only from this step on (keeps composition, as Concept Sliders do)")
+    end_step: int | None = Field(None, ge=1)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _bound(self):
+        if (self.lora is None) == (self.loras is None):
+            raise ValueError("needs 'lora' or 'loras' (exactly one)")
+        if self.range[0] >= self.range[1]:
+            raise ValueError("range = [min, max] needs min < max")
+        return self
+
+    def bound_loras(self) -> list[str]:
+        if self.lora is not None:
+            return [self.lora]
+        return [b if isinstance(b, str) else b.lora for b in self.loras or []]
 
 
 @dataclass(frozen=True)
@@ -113,10 +153,8 @@ class Slider:
     def from_dict(cls, name: str, data: Mapping) -> "Slider":
         """From a recipe table, e.g. ``{lora = "age.safetensors", range = [-5, 5], default = 0,
         start_step = 1}`` or ``{loras = [{lora = "a", gain = 1}, {lora = "b", points = [[-1, -0.5], [1, 2]]}]}``,
-        validated by the one schema of the kind, :class:`krea2kit.parts.sliders.LoraSliderOptions`."""
+        validated by the one schema of the kind, :class:`LoraSliderOptions`."""
         from pydantic import ValidationError
-
-        from krea2kit.parts.sliders import LoraSliderOptions
 
         table = dict(data)
         kind = str(table.pop("kind", SLIDER_KIND))
@@ -133,7 +171,7 @@ class Slider:
 
     @classmethod
     def from_options(cls, name: str, options, *, kind: str | None = None) -> "Slider":
-        """From validated :class:`krea2kit.parts.sliders.LoraSliderOptions` (a ``[[sliders]]``
+        """From validated :class:`LoraSliderOptions` (a ``[[sliders]]``
         entry of kind "lora")."""
         items = options.loras if options.loras is not None else [
             {"lora": options.lora, "gain": options.gain, "points": options.points}]

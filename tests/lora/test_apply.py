@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from krea2kit.adapters.formats import LoraFile, parse_lora_state_dict
-from krea2kit.adapters.runtime import StepSchedule, attach_adapters, merge_into
+from krea2kit.lora.formats import LoraFile, parse_lora_state_dict
+from krea2kit.lora.apply import StepSchedule, attach_adapters, merge_into
 from krea2kit.errors import WeightsError
 
 from conftest import random_lora_deltas, run, tiny_dit

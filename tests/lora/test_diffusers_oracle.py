@@ -15,9 +15,9 @@ peft = pytest.importorskip("peft")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from krea2kit.adapters.convert import write_lora  # noqa: E402
-from krea2kit.adapters.formats import load_lora  # noqa: E402
-from krea2kit.adapters.runtime import attach_adapters, merge_into  # noqa: E402
+from krea2kit.lora.convert import write_lora  # noqa: E402
+from krea2kit.lora.formats import load_lora  # noqa: E402
+from krea2kit.lora.apply import attach_adapters, merge_into  # noqa: E402
 from krea2kit.models.dit_loader import load_dit  # noqa: E402
 from support.presets import TINY_DIT  # noqa: E402
 

@@ -13,8 +13,8 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from krea2kit.adapters.formats import load_lora  # noqa: E402
-from krea2kit.adapters.runtime import attach_adapters  # noqa: E402
+from krea2kit.lora.formats import load_lora  # noqa: E402
+from krea2kit.lora.apply import attach_adapters  # noqa: E402
 
 from conftest import run, tiny_dit, tiny_inputs  # noqa: E402
 

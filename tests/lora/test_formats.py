@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from krea2kit.adapters.formats import (
+from krea2kit.lora.formats import (
     LATENT_IN_FEATURES, diffusers_to_native, native_to_diffusers, parse_lora_state_dict, unflatten_native,
 )
 from krea2kit.errors import WeightsError
@@ -363,7 +363,7 @@ def _builtin_formats():
 def test_every_builtin_layout_is_registered_through_the_hook_and_detects_its_own_files(tmp_path):
     from safetensors.torch import save_file
 
-    from krea2kit.adapters.formats import BUILTIN_LAYOUTS
+    from krea2kit.lora.formats import BUILTIN_LAYOUTS
     from krea2kit.contracts import LoraFormat
     from krea2kit.parts.lora_formats import open_lora
 
@@ -397,7 +397,7 @@ def test_plugin_formats_are_asked_before_the_builtin_ones(tmp_path):
 
     from safetensors.torch import save_file
 
-    from krea2kit.adapters.formats import KeyLayout, LayoutFormat, native
+    from krea2kit.lora.formats import KeyLayout, LayoutFormat, native
     from krea2kit.parts.lora_formats import ask_order, open_lora
     from krea2kit.registry import LoraFormatDescriptor
 

@@ -21,7 +21,7 @@ from plugin_factory import make_plugin
 # The whole plugin: slash-separated native names under "unet/", the shared suffixes and alpha.
 SLASHES = '''
 """krea2kit LoRA layout: unet/blocks/3/attn/wq.lora_down.weight (+ .lora_up.weight, .alpha)."""
-from krea2kit.adapters.formats import KeyLayout, LayoutFormat
+from krea2kit.lora.formats import KeyLayout, LayoutFormat
 from krea2kit.hookspecs import hookimpl
 from krea2kit.models.key_names import is_native_linear
 from krea2kit.registry import LoraFormatDescriptor

@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from krea2kit.adapters.formats import (
+from krea2kit.lora.formats import (
     FULL, LOHA, LOKR, LORA, PEFT_METADATA_KEY, LoraDelta, LoraFile, native_to_diffusers,
 )
 from krea2kit.errors import WeightsError

@@ -12,7 +12,7 @@ Two ways, both keyed by native module names (``blocks.3.attn.wq``):
   :meth:`MergedWeights.restore` puts the original tensors back bit for bit.
 
 DoRA at strength ``s`` is ``W + s · (W'_DoRA − W)`` in both paths (see
-:meth:`~krea2kit.adapters.formats.LoraDelta.effective_delta`).
+:meth:`~krea2kit.lora.formats.LoraDelta.effective_delta`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence, Union
 
-from krea2kit.adapters.formats import FULL, LOHA, LOKR, LORA, LoraDelta, LoraFile
+from krea2kit.lora.formats import FULL, LOHA, LOKR, LORA, LoraDelta, LoraFile
 from krea2kit.errors import WeightsError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -316,7 +316,7 @@ class MergedWeights:
         self.backup = backup
         self._saved: dict[str, "torch.Tensor"] = {}
         self._applied: dict[str, "torch.Tensor"] = {}  # for backup="none": the float delta added
-        self._storage: dict[str, dict] = {}  # quantized layers (krea2kit.quant): their stored tensors
+        self._storage: dict[str, dict] = {}  # quantized layers (krea2kit.models.quant): their stored tensors
         self.restored = False
 
     @property
@@ -388,7 +388,7 @@ def merge_into(
             dora = {i: delta.effective_delta(w) for i, delta in items if delta.magnitude is not None}
             bias_items = [(i, delta.bias_delta(torch.float32, w.device)) for i, delta in items]
             bias_items = [(i, b) for i, b in bias_items if b is not None]
-            # A quantized layer (krea2kit.quant) keeps its stored tensors; its weight is re-quantized below.
+            # A quantized layer (krea2kit.models.quant) keeps its stored tensors; its weight is re-quantized below.
             quantized = hasattr(mod, "requantize_")
             if quantized:
                 merged._storage[name] = mod.storage_state()

@@ -80,7 +80,7 @@ def convert_cmd(file: str, layout: str, out: str, dtype: str, strict: bool, over
 
     import torch
 
-    from krea2kit.adapters.convert import write_lora
+    from krea2kit.lora.convert import write_lora
     from krea2kit.parts.lora_formats import open_lora
     from krea2kit.plugins import get_host
 
