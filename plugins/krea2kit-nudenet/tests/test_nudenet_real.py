@@ -21,6 +21,27 @@ def test_real_detector_on_plain_images():
         assert v.action == "allow" and v.score == 0.0
 
 
+def _portrait():
+    """A real photograph with a person in it: matplotlib's sample portrait of Grace Hopper
+    (US Navy photo, public domain), shipped inside the matplotlib wheel."""
+    matplotlib = pytest.importorskip("matplotlib")
+    return Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")
+
+
+def test_real_detector_blocks_what_its_block_classes_name_on_a_real_photo():
+    """The whole block path with the real model: the detector finds the face, a filter whose
+    block classes include faces blocks the image, the default filter (exposed regions only)
+    allows it. No explicit image is needed in the repository to show both verdicts."""
+    photo = _portrait()
+    faces = [d for d in NudeNetImageFilter().detect(photo) if d["class"] == "FACE_FEMALE"]
+    assert faces and faces[0]["score"] >= 0.4
+    default = NudeNetImageFilter().check_image(photo)
+    assert default.action == "allow" and default.score == 0.0
+    strict = NudeNetImageFilter(block_classes=["FACE_FEMALE"], threshold=0.4).check_image(photo)
+    assert strict.action == "block" and strict.category == "sexual/explicit"
+    assert strict.score >= 0.4 and "FACE_FEMALE" in strict.detail
+
+
 def test_corrupt_model_fails_closed(tmp_path):
     bad = tmp_path / "320n.onnx"
     bad.write_bytes(b"not a model")
