@@ -10,7 +10,11 @@ Prints, on CPU:
 * resident memory added by loading each model (VmRSS deltas) and the process peak RSS;
 * the prompt filter's benign pass rate and violating block rate on tests/safety/corpus, its time
   per prompt, and the same rates for a naive peer (lower-case whole-word lookup in the same lists,
-  no normalisation), to show what the normalisation buys.
+  no normalisation), to show what the normalisation buys;
+* the same for the precision corpora of issue 12: benign_creative_prompts.txt (ordinary prompts,
+  many using a listed word in another sense: none may be blocked) and adversarial_prompts.txt
+  (violating prompts dressed in those senses: all must be blocked, with the expected category):
+  block and flag counts and time per prompt, for krea2kit's filter and the naive peer.
 
 Token layout: none (no text tokens run here), so ``model.layout`` (official/compact) does not apply.
 """
@@ -146,6 +150,28 @@ def bench_prompts(repeats):
           f"(ratio krea2kit/naive {per / per_naive:.1f})")
     print(f"  benign pass rate    {100 * (1 - nb / len(benign)):6.1f} %  ({len(benign) - nb}/{len(benign)})")
     print(f"  violating blocked   {100 * nv / len(violating):6.1f} %  ({nv}/{len(violating)})")
+    bench_precision_corpora(pf, naive, repeats)
+
+
+def bench_precision_corpora(pf, naive, repeats):
+    """benign_creative (none may be blocked) and adversarial (all blocked, right category)."""
+    creative = _lines("benign_creative_prompts.txt")
+    adversarial = [ln.split("\t", 1) for ln in _lines("adversarial_prompts.txt")]
+    print("== prompt filter, precision corpora (issue 12) ==")
+    for title, prompts, expected in (("benign_creative", creative, None),
+                                     ("adversarial", [p for _, p in adversarial], [c for c, _ in adversarial])):
+        verdicts = [pf.check_prompt(p) for p in prompts]
+        blocked = sum(v.blocked for v in verdicts)
+        flagged = sum(v.action == "flag" for v in verdicts)
+        per = timed(lambda: [pf.check_prompt(p) for p in prompts], repeats) / len(prompts)
+        naive_blocked = sum(naive(p) for p in prompts)
+        per_naive = timed(lambda: [naive(p) for p in prompts], repeats) / len(prompts)
+        line = (f"  {title:16s} {len(prompts):4d} prompts: krea2kit blocked {blocked:4d}, flagged {flagged:3d}, "
+                f"{per * 1000:.3f} ms/prompt | naive blocked {naive_blocked:4d}, {per_naive * 1000:.3f} ms/prompt")
+        if expected is not None:
+            right = sum(v.blocked and v.category == c for v, c in zip(verdicts, expected))
+            line += f" | blocked with the expected category {right}/{len(prompts)}"
+        print(line)
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ Layouts, as the pipeline's text-encoder part runs them (``krea2kit.parts.text_en
 
 Times are measured in one process (ratios against ``official``); peak memory is the growth of
 the peak RSS during one encode (Linux), each layout in its own subprocess. The last lines check
-both layouts against :meth:`Krea2TextEncoder.encode_padded_reference` on the real tokens.
+both layouts against the tests' oracle ``tests/support/oracles.encode_padded_reference`` on the real
+tokens.
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ import tempfile
 import time
 import warnings
 
+from pathlib import Path
+
 import torch
 
 from krea2kit.conditioning import Krea2TextEncoder, PromptEmbeddingCache
 from krea2kit.models.text_encoder import Qwen3TextConfig, Qwen3TextTower
 from krea2kit.models.tokenizer import QwenTokenizer, build_tiny_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' oracle
+from support.oracles import encode_padded_reference  # noqa: E402
 
 # Random towers of Qwen3-VL's architecture at bench sizes, tapped like Krea 2 (every third
 # layer, the last tap one before the top: Krea 2 taps 35 of 36).
@@ -125,7 +131,7 @@ def main() -> None:
             for _ in range(args.reps):
                 encode(enc, prompt, layout, cache_dir)
             times[layout] = (time.perf_counter() - t0) / args.reps
-        ref, ref_mask = enc.encode_padded_reference([prompt])
+        ref, ref_mask = encode_padded_reference(enc, [prompt])
         errors = {}
         for layout in ("official", "compact"):
             hidden, mask = encode(enc, prompt, layout, cache_dir)

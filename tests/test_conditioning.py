@@ -16,6 +16,7 @@ from krea2kit.conditioning import Krea2TextEncoder, PromptEmbeddingCache, weight
 from krea2kit.errors import Krea2kitError
 from krea2kit.models.text_encoder import Qwen3TextConfig, Qwen3TextTower
 from krea2kit.models.tokenizer import PromptTruncatedWarning, QwenTokenizer, build_tiny_tokenizer
+from support.oracles import encode_padded_reference
 from support.presets import TINY_TEXT
 
 TAPS = (1, 2, 4)  # 4 of 6 layers, no final norm
@@ -54,7 +55,7 @@ PROMPTS = ["a photo of a red fox sitting in the snow, soft morning light", "",
 def test_trimmed_equals_padded_to_512(encoder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PromptTruncatedWarning)
-        ref, ref_mask = encoder.encode_padded_reference(PROMPTS)
+        ref, ref_mask = encode_padded_reference(encoder, PROMPTS)
         short, short_mask = encoder.encode(PROMPTS[:3])  # no long prompt: L is small
         full, full_mask = encoder.encode(PROMPTS)
         fixed, fixed_mask = encoder.encode(PROMPTS[:3], length=512)

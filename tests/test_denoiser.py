@@ -53,8 +53,11 @@ def _official_step(model, x, sigma, txt, mask, untxt, unmask, g):
 def test_batched_cfg_equals_two_separate_passes():
     model = _model()
     txt, mask, untxt, unmask, x = _texts(model.config)
-    batched = Krea2Denoiser(model, txt, mask, uncond_txt=untxt, uncond_mask=unmask, guidance=3.5, latent_hw=(8, 12))
-    separate = Krea2Denoiser(model, txt, mask, uncond_txt=untxt, uncond_mask=unmask, guidance=3.5, batch_cfg=False)
+    # the compact layout (no padding), so the bit-exact check below can call the model directly
+    batched = Krea2Denoiser(model, txt, mask, uncond_txt=untxt, uncond_mask=unmask, guidance=3.5, latent_hw=(8, 12),
+                            layout="compact")
+    separate = Krea2Denoiser(model, txt, mask, uncond_txt=untxt, uncond_mask=unmask, guidance=3.5, batch_cfg=False,
+                             layout="compact")
     assert batched.cfg
     img = patchify(x)
     for sigma in (1.0, 0.6546, 0.05):
@@ -86,8 +89,9 @@ def test_standard_scale_is_krea_g_plus_one_bit_identical():
                             convention="standard")
         assert torch.equal(krea(x, 0.5), std(x, 0.5))
     # Turbo: g = 0 is standard cfg 1.0, and needs no negative prompt
-    a = Krea2Denoiser(model, txt, mask, guidance=0.0)
-    b = Krea2Denoiser(model, txt, mask, guidance=1.0, convention="standard")
+    # (compact: the same tokens as the direct model call below, so bit-identical)
+    a = Krea2Denoiser(model, txt, mask, guidance=0.0, layout="compact")
+    b = Krea2Denoiser(model, txt, mask, guidance=1.0, convention="standard", layout="compact")
     assert not a.cfg and not b.cfg
     assert torch.equal(a(x, 0.9567), b(x, 0.9567))
     assert torch.equal(a(x, 0.9567), _official_step(model, x, 0.9567, txt, mask, None, None, 0.0))

@@ -63,6 +63,19 @@ def register_samplers(register):
     register(VAEDescriptor(name="not-a-sampler", summary="wrong kind"))
 """
 
+WRONG_TABLE = """
+from pydantic import BaseModel
+from krea2kit.hookspecs import hookimpl
+from krea2kit.registry import OptionsDescriptor
+
+class Opts(BaseModel):
+    prefix: str = ""
+
+@hookimpl
+def register_options(register):
+    register(OptionsDescriptor(name="sidecar", summary="a table its parts would never receive", options=Opts))
+"""
+
 
 @pytest.fixture
 def plugin_dir(tmp_path):
@@ -153,7 +166,8 @@ def test_misspelled_hook_is_caught(cli, plugin_dir):
     assert "register_sampler" in res.stderr and "unknown hook" in res.stderr
 
 
-@pytest.mark.parametrize("source,needle", [(RAISES, "boom while registering"), (WRONG_TYPE, "expects SamplerDescriptor")])
+@pytest.mark.parametrize("source,needle", [(RAISES, "boom while registering"), (WRONG_TYPE, "expects SamplerDescriptor"),
+                                           (WRONG_TABLE, "must be named after the plugin")])
 def test_plugin_failing_in_a_hook_is_skipped_whole(cli, plugin_dir, source, needle):
     make_plugin(plugin_dir, "krea2kit-bad", "k2bad", source)
     res = cli("plugins", "--json", env=with_path(plugin_dir))

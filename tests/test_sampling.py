@@ -33,7 +33,6 @@ from krea2kit.sampling import (
     heun,
     image_tokens,
     initial_noise,
-    initial_noise_batch,
     resolution_mu,
     to_pixels,
 )
@@ -70,6 +69,8 @@ def test_image_tokens_counts_the_aligned_grid():
     assert image_tokens(1280, 1280) == 6400
     assert image_tokens(1000, 1000) == 63 * 63
     assert image_tokens(1024, 512) == 64 * 32
+    # another VAE factor x patch: one token per 32 pixels, the size padded up to it first
+    assert image_tokens(1024, 1000, multiple=32) == 32 * 32
 
 
 def test_resolution_mu_matches_official_floats_and_is_not_clamped():
@@ -137,19 +138,14 @@ def test_initial_noise_matches_official_draw(dtype):
     noise = initial_noise(7, 48, 32, dtype=dtype)
     assert noise.shape == (1, 16, 6, 4) and noise.dtype == dtype
     assert torch.equal(noise, _official_noise(7, 1, 48, 32, dtype))
-    assert torch.equal(initial_noise_batch(7, 3, 48, 32, dtype=dtype),
-                       _official_noise(7, 3, 48, 32, dtype))
+    # a run of 3 images draws image i with seed + i, as the official per-prompt loop does
+    run = torch.cat([initial_noise(7 + i, 48, 32, dtype=dtype) for i in range(3)])
+    assert torch.equal(run, _official_noise(7, 3, 48, 32, dtype))
 
 
-def test_noise_per_image_is_independent_of_batching():
+def test_noise_depends_only_on_its_seed():
     assert torch.equal(initial_noise(3, 32, 32), initial_noise(3, 32, 32))
     assert not torch.equal(initial_noise(3, 32, 32), initial_noise(4, 32, 32))
-    whole = initial_noise_batch(10, 4, 32, 32)
-    split = torch.cat([initial_noise_batch(10, 2, 32, 32),
-                       initial_noise_batch(10, 2, 32, 32, start=2)])
-    assert torch.equal(whole, split)
-    for i in range(4):
-        assert torch.equal(whole[i:i + 1], initial_noise(10 + i, 32, 32))
 
 
 def test_initial_noise_refuses_unaligned_size():
@@ -263,7 +259,7 @@ def test_ancestral_eta_zero_is_euler_bit_exact():
 
 def test_ancestral_per_row_generators_do_not_depend_on_batch():
     sigmas = flow_sigmas(6, 1.15)
-    x = initial_noise_batch(0, 2, 32, 32)
+    x = torch.cat([initial_noise(0, 32, 32), initial_noise(1, 32, 32)])
 
     def gens(*seeds):
         return [torch.Generator().manual_seed(s) for s in seeds]

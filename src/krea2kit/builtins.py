@@ -27,13 +27,13 @@ KREA2KIT_CONTRACT = CONTRACT_VERSION  # built-ins always follow the current plug
 KREA2_PRESETS = (
     ModelDescriptor(
         name="krea2-turbo", summary="Krea 2 Turbo (12.8B, distilled): 8 steps, guidance 0, mu 1.15",
-        dit_config="krea2-turbo", text_encoder_config="qwen3-vl-4b", vae_config="qwen-image",
+        dit_config="krea2-turbo", vae_config="qwen-image",
         steps=8, guidance=0.0, mu=1.15, width=1024, height=1024,
         weights_env={"dit": "OSS_TURBO"}, hf_repos=("krea/Krea-2-Turbo",),
     ),
     ModelDescriptor(
         name="krea2-raw", summary="Krea 2 Raw (12.8B, undistilled): 52 steps, guidance 3.5, resolution-aware mu",
-        dit_config="krea2-raw", text_encoder_config="qwen3-vl-4b", vae_config="qwen-image",
+        dit_config="krea2-raw", vae_config="qwen-image",
         steps=52, guidance=3.5, mu=None, width=1024, height=1024,
         weights_env={"dit": "OSS_RAW"}, hf_repos=("krea/Krea-2-Raw",),
     ),
@@ -44,14 +44,14 @@ KREA2_PRESETS = (
 NANO_PRESETS = (
     ModelDescriptor(
         name="krea2-nano-turbo", summary="krea2kit's embedded nano model (Turbo-style: 8 steps, guidance 0)",
-        dit_config="", text_encoder_config="", vae_config="",
+        dit_config="", vae_config="",
         steps=8, guidance=0.0, mu=1.15, width=64, height=64, release_text_encoder=False, layout="compact",
         weights={"dit": "krea2kit:nano/weights/turbo", "text_encoder": "krea2kit:nano/weights/text_encoder",
                  "vae": "krea2kit:nano/weights/vae"},
     ),
     ModelDescriptor(
         name="krea2-nano-raw", summary="krea2kit's embedded nano model (Raw-style: guidance on, resolution-aware mu)",
-        dit_config="", text_encoder_config="", vae_config="",
+        dit_config="", vae_config="",
         steps=24, guidance=3.5, mu=None, width=64, height=64, release_text_encoder=False, layout="compact",
         weights={"dit": "krea2kit:nano/weights/raw", "text_encoder": "krea2kit:nano/weights/text_encoder",
                  "vae": "krea2kit:nano/weights/vae"},

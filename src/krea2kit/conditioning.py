@@ -335,20 +335,6 @@ class Krea2TextEncoder:
                     cache.put(keys[i], compact[i])
         return self.assemble(tokens, compact, length)
 
-    @torch.no_grad()
-    def encode_padded_reference(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The official computation: the full ``[prefix|prompt|PAD|suffix]`` block (546 tokens
-        for max_length 512) with a key-padding mask and valid-token positions, then the prefix
-        strip. Returns (B, max_length, taps, D) and the mask. Slow; for tests and benchmarks.
-        """
-        tower = self._need_tower()
-        tokens = self.tokenize(prompts)
-        ids, mask = tokens.padded()
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = tower(ids.to(self._device), taps=self.taps, position_ids=positions.to(self._device),
-                       attention_mask=mask.to(self._device))
-        return hidden[:, tokens.prefix_len:], mask[:, tokens.prefix_len:].to(self._device)
-
 
 # ---------------------------------------------------------------------------
 

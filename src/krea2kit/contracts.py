@@ -88,6 +88,14 @@ class LoadContext:
         "official" (reference padding) or "compact" (padding dropped).
     vae_tile_threshold: the recipe's ``model.vae_tile_threshold``: decode in tiles above
         this many pixels (``None`` = the VAE's own default).
+    weights_dtype: the recipe's ``model.weights_dtype`` when loading the transformer ("dit"),
+        "auto" for every other role: "auto" loads the weights as stored; "fp8" / "int8" ask
+        the transformer to quantize a full-precision file while loading it (a part without
+        a quantized path may refuse it with a ``WeightsError``).
+    offload: the recipe's ``model.offload`` when loading the transformer ("dit"), "none"
+        for every other role (and when the recipe leaves it to the preset): "blocks" asks the
+        transformer to keep its blocks in host memory and stream them to ``device`` one block
+        ahead (:mod:`krea2kit.models.offload`); a part that cannot may ignore it.
     settings: the deployer's :class:`krea2kit.settings.Settings` (user config), e.g. the
         image filter ceiling or whether prompt embeddings are cached; ``None`` in tests.
     plugin_options: the validated ``[plugins.<plugin>]`` table of the part's plugin
@@ -102,6 +110,8 @@ class LoadContext:
     dtype: str = "float32"
     layout: str = "official"
     vae_tile_threshold: int | None = None
+    weights_dtype: str = "auto"
+    offload: str = "none"
     settings: Settings | None = field(default=None, compare=False)
     plugin_options: Any = field(default=None, compare=False)
 
@@ -243,7 +253,9 @@ class LoraFormat(Protocol):
 @runtime_checkable
 class Slider(Protocol):
     """One ``[[sliders]]`` entry: ``load(options, context)`` builds it, with ``context.name``
-    the entry's name and ``options`` its validated keys.
+    the entry's name and ``options`` its validated keys. The host builds it when it plans the
+    recipe (before any weights load; keep ``load`` cheap) and refuses the recipe when ``loras``
+    names a LoRA it lacks or the entry's value is outside ``range``.
 
     name: the slider's name. loras: the ``[[loras]]`` names it drives.
     range: ``(min, max)`` of its value.

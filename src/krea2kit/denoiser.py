@@ -51,9 +51,10 @@ class Krea2Denoiser:
         on the first call).
     batch_cfg: run cond and uncond as one batch (fast, default) or as two passes (less
         activation memory; same result up to fp32 rounding).
-    layout: "official" keeps the padded text positions and pads the sequence to a multiple
-        of 256 as the reference forward does, so bf16 images are bit-identical to it;
-        "compact" drops all padding (fewer tokens; equal to 1e-6 in fp32, a few bf16 LSB).
+    layout: "official" (default, as ``model.layout`` and the Krea 2 presets) keeps the padded
+        text positions and pads the sequence to a multiple of 256 as the reference forward
+        does, so bf16 images are bit-identical to it; "compact" drops all padding (fewer
+        tokens; equal to 1e-6 in fp32, a few bf16 LSB).
     """
 
     def __init__(
@@ -68,7 +69,7 @@ class Krea2Denoiser:
         convention: Convention = "krea",
         latent_hw: tuple[int, int] | None = None,
         batch_cfg: bool = True,
-        layout: Layout = "compact",
+        layout: Layout = "official",
     ) -> None:
         self.dit = dit
         self.guidance = krea_guidance(guidance, convention)

@@ -28,6 +28,7 @@ from typing import Any
 from krea2kit.contracts import LoadContext, missing_members, protocol_for, size_multiple
 from krea2kit.errors import PluginError, UsageError
 from krea2kit.locate import locate_weights
+from krea2kit.memory import text_encoder_released
 from krea2kit.recipe.plan import Job, Plan
 from krea2kit.settings import Settings
 
@@ -55,7 +56,7 @@ class Record:
     steps: int
     guidance: float
     guidance_convention: str
-    mu: float
+    mu: float | None  # None only on a blocked image of a resolution-aware run (never sampled)
     run_id: str
     sha256: str | None = None
     blocked_by: list[str] = field(default_factory=list)
@@ -110,9 +111,11 @@ class Pipeline:
         descriptor = plan.parts[role]
         location, how = locate_weights(plan.model, role, plan.weights.get(role), self.settings)
         context = LoadContext(
-            role=role, name=descriptor.name, location=str(location), config=getattr(plan.model, f"{role}_config", ""),
+            role=role, name=descriptor.name, location=str(location), config=plan.model.part_config(role),
             device=device, dtype=dtype, layout=plan.recipe.model.layout or "official",
-            vae_tile_threshold=plan.recipe.model.vae_tile_threshold, settings=self.settings,
+            vae_tile_threshold=plan.recipe.model.vae_tile_threshold,
+            weights_dtype=plan.recipe.model.weights_dtype if role == "dit" else "auto",
+            offload=(plan.recipe.model.offload or "none") if role == "dit" else "none", settings=self.settings,
             plugin_options=plan.plugin_options.get(descriptor.plugin),
         )
         key = (descriptor.plugin, descriptor.name, context)
@@ -178,6 +181,11 @@ class Pipeline:
         dtype_name = pick_dtype(recipe.model.dtype if recipe.model.dtype != "auto" else (self.settings.dtype or "auto"), device)
         dtype = getattr(torch, dtype_name)
         check_load_signatures(plan)  # a part that cannot be loaded is named before any weights load
+        if not self._parts:  # parts already loaded hold device memory the estimate would count twice
+            from krea2kit.memory import preflight
+
+            preflight(plan, self.settings, device=device, dtype=dtype_name,
+                      warn=lambda message: events("warning", message=message))
         filters = FilterSet(plan, self.settings, run_id=run_id, events=events)
         outputs = OutputPlanner(plan)
 
@@ -206,7 +214,7 @@ class Pipeline:
             for i, text in enumerate(unique):
                 conds[text] = (hidden[i : i + 1], mask[i : i + 1])
             encode_s = time.perf_counter() - start
-            if plan.model.release_text_encoder:
+            if text_encoder_released(plan):  # model.offload, else the preset's choice
                 del encoder
                 self.release("text_encoder")
         else:
@@ -239,7 +247,7 @@ class Pipeline:
             if adapters is not None:
                 adapters.detach()
 
-    def _base_record(self, plan: Plan, job: Job, run_id: str, mu: float) -> Record:
+    def _base_record(self, plan: Plan, job: Job, run_id: str, mu: float | None) -> Record:
         include = plan.recipe.output.include_prompt
         return Record(
             index=job.index, status="ok", path=None,
@@ -250,7 +258,8 @@ class Pipeline:
         )
 
     def _blocked_record(self, plan: Plan, job: Job, run_id: str, decision: Any) -> Record:
-        record = self._base_record(plan, job, run_id, job_mu(plan, job))
+        # never sampled: the recipe's mu (None when resolution-aware, as no parts may be loaded)
+        record = self._base_record(plan, job, run_id, plan.mu)
         record.status = "blocked"
         record.blocked_by = [v.filter for v in decision.blocking]
         record.verdicts = [v.to_dict() for v in decision.verdicts]
@@ -268,9 +277,11 @@ class Pipeline:
         if padded:
             events("warning", message=f"image {job.index}: {job.width}x{job.height} is not a multiple of {multiple}; "
                                       f"generating {width}x{height} and cropping back")
-        mu = job_mu(plan, job)
+        mu = job_mu(plan, job, multiple)
         record = self._base_record(plan, job, run_id, mu)
-        events("job_start", job=job, total=len(plan.jobs), steps=plan.steps)
+        # [init]: the first `skip` steps of the schedule are skipped (strength; see sampling)
+        skip = sampling.skipped_steps(plan.steps, plan.recipe.init.strength) if plan.recipe.init else 0
+        events("job_start", job=job, total=len(plan.jobs), steps=plan.steps - skip)
 
         start = time.perf_counter()
         contract = vae.contract
@@ -282,22 +293,39 @@ class Pipeline:
                                     latent_size=(height // contract.factor, width // contract.factor))
         sigmas = sampling.flow_sigmas(plan.steps, mu)
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
+        # [init]: start `skip` steps into the schedule from the encoded picture (same noise per seed)
+        init = self._init_latents(plan, job, vae, (width, height), device, dtype) if plan.recipe.init else None
+        sigmas = sigmas[skip:]
+        x_start = noise if init is None else sampling.noised(init[0], noise, float(sigmas[0]))
 
         def on_step(step: int, total: int, sigma: float, x: Any) -> None:
-            # the sampler calls back after step `step`; the next model call is step + 1
-            if adapters is not None and step + 1 < total:
-                adapters.set_step(step + 1, total)
+            if init is not None and init[1] is not None:  # inpainting: keep the unmasked part on the init's path
+                x.copy_(sampling.inpaint_blend(x, init[0], noise, init[1], sigma))
+            # the sampler calls back after step `step`; the next model call is step + 1 (of the full schedule)
+            if adapters is not None and skip + step + 1 < plan.steps:
+                adapters.set_step(skip + step + 1, plan.steps)
             events("step", job=job, step=step + 1, total=total)
 
         if adapters is not None:
-            adapters.set_step(0, plan.steps)
+            adapters.set_step(skip, plan.steps)
         with torch.inference_mode():
-            latents = sampler_fn(denoise, noise, sigmas, generator=generator, callback=on_step, **plan.sampler_options)
+            if len(sigmas) < 2:  # strength 0: no step left, the picture itself
+                latents = x_start
+            else:
+                latents = sampler_fn(denoise, x_start, sigmas, generator=generator, callback=on_step,
+                                     **plan.sampler_options)
+            if init is not None and init[1] is not None:  # a sampler may call back with a copy: blend once more
+                latents = sampling.inpaint_blend(latents, init[0], noise, init[1], 0.0)
             self.require_finite(plan, latents, "dit", f"the latent of image {job.index}")
             timings["denoise"] = time.perf_counter() - start
             start = time.perf_counter()
             decoded = vae.decode(latents)
             self.require_finite(plan, decoded, "vae", f"the decoded pixels of image {job.index}")
+            if init is not None and init[1] is not None:
+                # The decoder mixes latents across the picture (its attention and wide
+                # convolutions), so the kept region is pasted back from the source pixels
+                # through the same feathered mask; the latent blend made the seam fit.
+                decoded = init[3] * decoded + (1.0 - init[3]) * init[2]
         image = sampling.to_pixels(decoded, size=(job.width, job.height))[0]
         timings["decode"] = time.perf_counter() - start
 
@@ -322,14 +350,42 @@ class Pipeline:
         events("job_end", record=record)
         return record
 
+    def _init_latents(self, plan: Plan, job: Job, vae: Any, size: tuple[int, int], device: str,
+                      dtype: Any) -> tuple[Any, Any, Any, Any]:
+        """The ``[init]`` picture framed to the job (cover, center-crop; see
+        :mod:`krea2kit.recipe.init_image`) and encoded by the run's VAE; with a mask, also
+        the mask (feathered) on the latent grid, the picture's pixels and the pixel mask
+        (the last three None without one)."""
+        import torch
 
-def job_mu(plan: Plan, job: Job) -> float:
-    """The shift of one image: the recipe's, or resolution-aware from its (padded) size."""
+        from krea2kit import sampling
+        from krea2kit.recipe.init_image import feathered, framed, open_checked
+
+        init = plan.recipe.init
+        width, height = size
+        picture = framed(open_checked(init.image, "init.image"), job.width, job.height)
+        source = sampling.pixels_to_tensor(picture, width, height, device=device, dtype=dtype)
+        with torch.inference_mode():
+            x0 = vae.encode(source)
+        self.require_finite(plan, x0, "vae", f"the encoded init image of image {job.index}")
+        if init.mask is None:
+            return x0, None, None, None
+        pixels = feathered(framed(open_checked(init.mask, "init.mask"), job.width, job.height), init.mask_blur)
+        pixel_mask = sampling.pixels_to_tensor(pixels, width, height, device=device, dtype=torch.float32)
+        mask = sampling.latent_mask(pixel_mask, tuple(x0.shape[-2:])).to(dtype)
+        return x0, mask, source, pixel_mask.to(dtype)
+
+
+def job_mu(plan: Plan, job: Job, multiple: int) -> float:
+    """The shift of one image: the recipe's, or resolution-aware from its image-token count,
+    one token per ``multiple`` pixels a side (the VAE's factor x the transformer's patch,
+    :func:`krea2kit.contracts.size_multiple`), the size padded up to it as the official
+    sampler counts."""
     if plan.mu is not None:
         return plan.mu
     from krea2kit import sampling
 
-    return sampling.resolution_mu(sampling.image_tokens(job.width, job.height))
+    return sampling.resolution_mu(sampling.image_tokens(job.width, job.height, multiple))
 
 
 def check_load_signatures(plan: Plan) -> None:

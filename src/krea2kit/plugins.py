@@ -29,7 +29,7 @@ import pluggy
 from krea2kit import hookspecs
 from krea2kit.contracts import CONTRACT_VERSION, OLDEST_SUPPORTED_CONTRACT, PLUGIN_CONTRACT_ATTRIBUTE
 from krea2kit.errors import PluginError
-from krea2kit.registry import HOOK_KINDS, Descriptor, Registry
+from krea2kit.registry import HOOK_KINDS, Descriptor, OptionsDescriptor, Registry
 
 ENTRY_POINT_GROUP = "krea2kit"
 ENV_SELECT = "KREA2KIT_PLUGINS"
@@ -202,9 +202,14 @@ class Host:
                     continue
                 found: list[Descriptor] = []
 
-                def register(descriptor, _found=found, _cls=cls, _hook=hook_name):
+                def register(descriptor, _found=found, _cls=cls, _hook=hook_name, _plugin=name):
                     if not isinstance(descriptor, _cls):
                         raise TypeError(f"{_hook} expects {_cls.__name__}, got {type(descriptor).__name__}")
+                    if isinstance(descriptor, OptionsDescriptor) and descriptor.name != _plugin:
+                        # parts receive the [plugins.<their plugin>] table; another name would
+                        # validate and then never reach them
+                        raise ValueError(f"OptionsDescriptor(name={descriptor.name!r}) must be named after the "
+                                         f"plugin ({_plugin!r}): its table is [plugins.{_plugin}]")
                     _found.append(descriptor)
 
                 try:

@@ -89,8 +89,10 @@ class Descriptor:
     def options_model(self):
         return resolve_ref(self.options) if self.options is not None else None
 
-    def validate_options(self, values: dict, *, where: str, file: str | None = None) -> Any:
-        """Validate ``values`` with this part's options schema (``None`` if it has none)."""
+    def validate_options(self, values: dict, *, where: str, file: str | None = None,
+                         context: dict[str, Any] | None = None) -> Any:
+        """Validate ``values`` with this part's options schema (``None`` if it has none);
+        ``context`` reaches its validators as pydantic's ``info.context``."""
         model = self.options_model()
         if model is None:
             if values:
@@ -101,7 +103,7 @@ class Descriptor:
             return None
         from krea2kit.validation import validate_model
 
-        return validate_model(model, values, file=file, prefix=where)
+        return validate_model(model, values, file=file, prefix=where, context=context)
 
     def to_json(self) -> dict:
         out = {"kind": self.kind, "name": self.name, "summary": self.summary}
@@ -123,7 +125,10 @@ class ModelDescriptor(Descriptor):
     ``weights`` maps a part role ("dit", "text_encoder", "vae") to a default location
     (a path, ``"package:relative/path"`` for weights shipped in a package, or "" when
     the user must supply it); ``hf_repos`` names Hugging Face repos whose existing
-    local cache may hold them (never downloaded implicitly).
+    local cache may hold them (never downloaded implicitly). ``dit_config`` and
+    ``vae_config`` name an architecture config of those parts (their loaders' presets;
+    "" = read it from the weights), handed over as ``LoadContext.config``; a text encoder
+    reads its own from its ``config.json`` or tensor shapes.
     """
 
     kind: ClassVar[str] = "model"
@@ -131,7 +136,6 @@ class ModelDescriptor(Descriptor):
     text_encoder: str = "qwen3-vl"
     vae: str = "qwen-image"
     dit_config: str = ""
-    text_encoder_config: str = ""
     vae_config: str = ""
     sampler: str = "euler"
     steps: int = 8
@@ -140,12 +144,17 @@ class ModelDescriptor(Descriptor):
     width: int = 1024
     height: int = 1024
     latent_channels: int = 16  # what the transformer consumes (checked against the VAE contract)
-    latent_factor: int = 8
+    latent_factor: int = 8  # the preset VAE's pixels per latent cell, for estimates before it loads;
+    # a run takes the factor from the loaded VAE's contract, and any VAE with the right channels fits
     release_text_encoder: bool = True  # free the encoder once prompts are encoded (big models)
     layout: str = "official"  # token layout: "official" (reference padding) or "compact"
     weights: dict = field(default_factory=dict, hash=False, compare=False)
     hf_repos: tuple = ()
     weights_env: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def part_config(self, role: str) -> str:
+        """The named architecture config for the part in ``role`` (``LoadContext.config``)."""
+        return {"dit": self.dit_config, "vae": self.vae_config}.get(role, "")
 
 
 @dataclass(frozen=True)

@@ -76,14 +76,15 @@ def aligned_size(width: int, height: int, multiple: int = SIZE_MULTIPLE) -> tupl
     return w, h, (w, h) != (width, height)
 
 
-def image_tokens(width: int, height: int) -> int:
-    """Transformer image tokens for a picture of ``width`` x ``height`` pixels.
+def image_tokens(width: int, height: int, multiple: int = SIZE_MULTIPLE) -> int:
+    """Transformer image tokens for a picture of ``width`` x ``height`` pixels, one token per
+    ``multiple`` x ``multiple`` pixels (VAE factor x transformer patch; Krea 2: 8 x 2 = 16).
 
     The size is aligned first (as the official sampler does before it counts
     ``x.shape[1]``), so 1000 x 1000 counts as 1008 x 1008 = 63 * 63 tokens.
     """
-    w, h, _ = aligned_size(width, height)
-    return (w // SIZE_MULTIPLE) * (h // SIZE_MULTIPLE)
+    w, h, _ = aligned_size(width, height, multiple)
+    return (w // multiple) * (h // multiple)
 
 
 def resolution_mu(image_tokens: int) -> float:
@@ -143,33 +144,6 @@ def initial_noise(
     return torch.randn(
         1, channels, height // factor, width // factor,
         device=device, dtype=dtype, generator=generator,
-    )
-
-
-def initial_noise_batch(
-    seed: int,
-    count: int,
-    height: int,
-    width: int,
-    *,
-    start: int = 0,
-    channels: int = LATENT_CHANNELS,
-    factor: int = VAE_FACTOR,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Noise for images ``start .. start+count-1`` of a run, stacked: image ``i`` uses ``seed + i``.
-
-    Each row comes from its own generator, so a row never depends on the batch size or on
-    how a run is split into batches (official: ``torch.cat`` of per-prompt draws).
-    """
-    return torch.cat(
-        [
-            initial_noise(seed + i, height, width, channels=channels, factor=factor,
-                          device=device, dtype=dtype)
-            for i in range(start, start + count)
-        ],
-        dim=0,
     )
 
 
@@ -315,6 +289,59 @@ def load(options: object, context: LoadContext) -> Sampler:
     """The registry's ``load(options, context)`` of every built-in sampler: the function named
     ``context.name`` (its options arrive again as keywords on each call)."""
     return SAMPLERS[context.name]
+
+
+# --- image-to-image and inpainting --------------------------------------------------------
+#
+# Same flow convention as above, x_t = t * noise + (1 - t) * x0, with x0 the encoded init
+# picture. ``strength`` s skips the first round((1 - s) * steps) steps of the schedule (the
+# convention of SDEdit-style img2img in diffusers and ComfyUI's denoise), so s = 1 is
+# text-to-image and s = 0 runs no step at all. The samplers are unchanged: they get the
+# remaining sigmas; inpainting blends through their step callback.
+
+
+def skipped_steps(steps: int, strength: float) -> int:
+    """Steps of the schedule an ``[init]`` run skips at ``strength`` (0 = all, 1 = none)."""
+    return min(steps, max(0, round((1.0 - strength) * steps)))
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x0`` noised to ``sigma`` along the flow: ``sigma * noise + (1 - sigma) * x0``;
+    exactly ``noise`` at sigma 1 (so strength 1 is text-to-image bit for bit)."""
+    if sigma >= 1.0:
+        return noise
+    return sigma * noise + (1.0 - sigma) * x0
+
+
+def pixels_to_tensor(image: Image.Image, width: int, height: int, *, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An RGB (or L) picture of at most ``width`` x ``height`` as ``(1, C, height, width)``
+    in [-1, 1] (L: [0, 1]); a smaller picture is padded right and bottom by repeating its
+    edge (the padded run crops that margin off again, :func:`to_pixels` ``size=``)."""
+    import numpy as np
+
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    t = torch.from_numpy(array.copy())
+    t = t.unsqueeze(0).unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).unsqueeze(0)
+    if image.mode != "L":
+        t = t * 2.0 - 1.0
+    pad_w, pad_h = width - t.shape[3], height - t.shape[2]
+    if pad_w or pad_h:
+        t = torch.nn.functional.pad(t, (0, pad_w, 0, pad_h), mode="replicate")
+    return t.to(device=device, dtype=dtype)
+
+
+def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask ``(1, 1, H, W)`` in [0, 1] averaged onto the latent grid ``(h, w)``
+    (each latent cell gets the mean of the pixels it covers)."""
+    return torch.nn.functional.adaptive_avg_pool2d(mask, latent_size).clamp(0.0, 1.0)
+
+
+def inpaint_blend(x: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
+                  sigma: float) -> torch.Tensor:
+    """``mask * x + (1 - mask) * x0 noised to sigma``: the sampler's latent where the mask is
+    1 (repaint), the init picture at the same noise level where it is 0 (keep)."""
+    return mask * x + (1.0 - mask) * noised(x0, noise, sigma)
 
 
 # --- pixels --------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class SafetySettings(_Strict):
     unfiltered: bool = Field(
         False,
         description="Deployer switch: run without the mandatory content filters. Every image then records that it was produced unfiltered.")
-    audit_log: str | None = Field(None, description="Append-only JSON-lines audit log of every filter verdict (default: in the state folder)")
+    audit_log: str | None = Field(None, description="Append-only JSON-lines audit log of every filter verdict (default: audit.jsonl in the cache folder)")
     audit_prompts: Literal["hash", "text", "none"] = "hash"
     image_threshold: float | None = Field(None, ge=0.0, le=1.0, description="Deployer default for the NSFW image threshold")
 

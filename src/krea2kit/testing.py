@@ -328,10 +328,10 @@ def _check_model(preset: Any, registry: Any) -> str:
         except RecipeError as exc:
             raise _Failed(f"its {role} {getattr(preset, role)!r}: {exc.message}") from None
     vae = registry.get("vae", preset.vae)
-    contract = getattr(vae, "contract", None)
-    if contract is not None and (contract.channels, contract.factor) != (preset.latent_channels, preset.latent_factor):
+    contract = vae.contract  # declared by the VAEDescriptor (None: only known once loaded)
+    if contract is not None and contract.channels != preset.latent_channels:
         raise _Failed(f"VAE {vae.name!r} gives {contract.describe()}, the preset takes {preset.latent_channels} "
-                      f"channels at 1/{preset.latent_factor}")
+                      "latent channels")
     return f"parts {preset.dit}, {preset.text_encoder}, {preset.vae} are registered and fit"
 
 

@@ -62,12 +62,16 @@ def _allowed_keys(model: Any, loc: tuple) -> list[str]:
 
 
 def validate_model(model: Any, data: Mapping, *, file: str | None = None, prefix: str = "",
-                   provenance: Mapping[str, str] | None = None) -> Any:
-    """Validate ``data`` with a pydantic ``model``; raise :class:`RecipeError` on the first problem."""
+                   provenance: Mapping[str, str] | None = None, context: Mapping[str, Any] | None = None) -> Any:
+    """Validate ``data`` with a pydantic ``model``; raise :class:`RecipeError` on the first problem.
+
+    ``context`` reaches the model's validators as pydantic's ``info.context`` (the host passes
+    ``{"settings": Settings}`` for part options, so a part can refuse at plan time a value
+    only the deployer may set)."""
     import pydantic
 
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=dict(context) if context else None)
     except pydantic.ValidationError as exc:
         raise recipe_error_from(exc, model, file=file, prefix=prefix, provenance=provenance) from None
 
@@ -118,5 +122,7 @@ def recipe_error_from(exc: Any, model: Any, *, file: str | None, prefix: str = "
     got = first.get("input")
     got_text = "" if isinstance(got, (dict, list)) else f", got {_short_repr(got)}"
     msg = first["msg"]
+    if first.get("type") in ("value_error", "assertion_error"):  # our own validators' words
+        msg = msg.split(", ", 1)[-1]  # without pydantic's "Value error, " prefix
     msg = msg[0].lower() + msg[1:] if msg else msg
     return RecipeError(f"{msg}{got_text}{more}", file=where, key=key)

@@ -58,6 +58,16 @@ def test_run_prints_paths_on_stdout_and_people_on_stderr(cli, recipe, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img-00-3.png", "img-01-4.png", "img-02-3.png"]
 
 
+def test_prompt_names_fill_the_name_field(cli, recipe, tmp_path):
+    """``{name}`` is a [[prompts]] entry's name, else its prompt slug."""
+    text = RECIPE.replace('count = 2', 'count = 2\nname = "circle"').replace(
+        'name = "img-{index:02d}-{seed}"', 'name = "{name}-{seed}"')
+    recipe.write_text(text)
+    res = cli("run", str(recipe), "-q", "--set", "sampler.steps=1")
+    assert res.code == 0, res.stderr
+    assert res.stdout.splitlines() == ["out/circle-3.png", "out/circle-4.png", "out/a-blue-square-3.png"]
+
+
 def test_json_lines_shape(cli, recipe):
     res = cli("run", str(recipe), "--json", "-q")
     assert res.code == 0, res.stderr

@@ -136,9 +136,19 @@ def test_filter_that_fails_to_load_blocks_everything(cli, recipe, tmp_path):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def test_recipe_cannot_loosen_the_image_threshold(cli, recipe):
+def test_recipe_cannot_loosen_the_image_threshold(cli, recipe, tmp_path):
     res = cli("run", str(recipe), "--set", "safety.settings.nsfw-image.threshold=0.99")
     assert res.code == 2 and "may only lower" in res.stderr
+    assert "safety.settings.nsfw-image.threshold" in res.stderr and "loading" not in res.stderr
+    # found at plan time: `recipe check` and a dry run refuse it too, naming the file
+    for args in (("recipe", "check"), ("run", "--dry-run")):
+        res = cli(*args, str(recipe), "--set", "safety.settings.nsfw-image.threshold=0.9")
+        assert res.code == 2 and "may only lower" in res.stderr, (args, res.stderr)
+    # the deployer's own ceiling moves the limit both ways
+    (tmp_path / "config.toml").write_text("[safety]\nimage_threshold = 0.3\n")
+    res = cli("recipe", "check", str(recipe), "--set", "safety.settings.nsfw-image.threshold=0.4")
+    assert res.code == 2 and "deployer value 0.3" in res.stderr
+    assert cli("recipe", "check", str(recipe), "--set", "safety.settings.nsfw-image.threshold=0.2").code == 0
 
 
 def test_deployer_unfiltered_switch_is_recorded_in_every_image(cli, recipe, tmp_path):

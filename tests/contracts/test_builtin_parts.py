@@ -114,3 +114,15 @@ def test_plugins_check_reports_each_broken_part_and_fails(cli, tmp_path):
     assert text.code == 1 and "Traceback" not in text.stderr
     assert "fail sampler krea2kit-broken-parts:backwards:" in text.stdout
     assert "4 failed" in text.stderr and "krea2kit-broken-parts:messy" in text.stderr
+
+
+def test_builtin_transformer_refuses_an_unknown_config_before_reading_weights(tmp_path):
+    """A model preset whose ``dit_config`` the built-in transformer does not know is named,
+    with the known ones, before the (here absent) weights are opened."""
+    from krea2kit.contracts import LoadContext
+    from krea2kit.errors import PluginError
+    from krea2kit.parts.dit import load
+
+    with pytest.raises(PluginError, match=r"'krea3'.*known: krea2-raw, krea2-turbo"):
+        load(None, LoadContext(role="dit", name="krea2", location=str(tmp_path / "absent.safetensors"),
+                               config="krea3"))

@@ -125,3 +125,49 @@ def test_examples_run_together_on_the_nano_model(cli, site, tmp_path):
     upper = cli("run", "r.toml", "--json", "--prompt", "a red circle", "--set", 'output.name="lower"',
                 env=_env(site))
     assert json.loads(upper.stdout)["sha256"] == record["sha256"]
+
+
+@pytest.mark.slow
+def test_plan_asks_a_plugin_slider_which_loras_it_drives_and_its_range(cli, site, tmp_path):
+    """The plan builds each [[sliders]] entry and reads ``loras`` and ``range`` from the
+    slider itself (contracts.Slider), so a plugin slider bound to a missing LoRA or set
+    outside its range is a recipe error before anything loads."""
+    _netlora(tmp_path / "up.safetensors", 1)
+    (tmp_path / "r.toml").write_text(
+        'prompt = "a red circle"\n[model]\npreset = "krea2-nano-turbo"\n'
+        '[[loras]]\npath = "up.safetensors"\nname = "up"\n'
+        '[[sliders]]\nname = "tilt"\nkind = "seesaw"\nvalue = 0.5\nup = "up"\ndown = "gone"\n')
+    res = cli("run", "r.toml", "--dry-run", env=_env(site))
+    assert res.code == 2, res.stderr
+    assert "sliders[0].loras" in res.stderr and "'gone'" in res.stderr and "Traceback" not in res.stderr
+    res = cli("run", "r.toml", "--dry-run", "--set", 'sliders.0.down="up"', "--set", "sliders.0.value=2.0",
+              env=_env(site))
+    assert res.code == 2 and "sliders[0].value" in res.stderr and "[-1, 1]" in res.stderr, res.stderr
+    ok = cli("run", "r.toml", "--dry-run", "--set", 'sliders.0.down="up"', env=_env(site))
+    assert ok.code == 0, ok.stderr
+
+
+def test_the_writer_example_never_replaces_a_file_unless_asked(tmp_path):
+    """The PPM example writes through krea2kit.files.atomic_write: an existing file is kept
+    (NameTaken, so krea2kit takes the next name) unless info.overwrite, and no temporary
+    file is left either way."""
+    import dataclasses
+
+    from PIL import Image
+
+    from krea2kit.contracts import OutputInfo
+    from krea2kit.files import NameTaken
+
+    writer = _import("krea2kit_ppm", examples()["krea2kit_ppm"], tmp_path).load(None, None)
+    target = tmp_path / "out" / "img.ppm"
+    image = Image.new("RGB", (4, 2), (255, 0, 0))
+    info = OutputInfo(metadata=None, prompt=None, negative=None, seed=1, index=0)
+    assert writer.write(image, target, info) == target
+    assert target.read_bytes().startswith(b"P6\n4 2\n255\n")
+    target.write_bytes(b"the user's own file")
+    with pytest.raises(NameTaken):
+        writer.write(image, target, info)
+    assert target.read_bytes() == b"the user's own file"
+    writer.write(image, target, dataclasses.replace(info, overwrite=True))
+    assert target.read_bytes().startswith(b"P6")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["img.ppm"]

@@ -62,14 +62,19 @@ def env(tmp_path):
 def test_size_multiple_and_latents_come_from_the_parts(cli, env, tmp_path):
     from PIL import Image
 
-    own = cli("run", "r.toml", "--json", env=env)  # Qwen-Image VAE: f 8 x patch 2 = 16
+    from krea2kit.sampling import resolution_mu
+
+    auto = ("--set", 'sampler.mu="auto"')  # the resolution-aware shift counts the parts' tokens
+    own = cli("run", "r.toml", "--json", *auto, env=env)  # Qwen-Image VAE: f 8 x patch 2 = 16
     assert own.code == 0, own.stderr
     assert "not a multiple of 16; generating 48x48" in own.stderr
-    f4 = cli("run", "r.toml", "--json", "--set", 'model.vae="f4"', "--set", 'output.name="f4"', env=env)
+    assert json.loads(own.stdout)["mu"] == resolution_mu(3 * 3)
+    f4 = cli("run", "r.toml", "--json", *auto, "--set", 'model.vae="f4"', "--set", 'output.name="f4"', env=env)
     assert f4.code == 0, f4.stderr
     assert "not a multiple" not in f4.stderr  # 40 = 5 x (4 x 2)
     record = json.loads(f4.stdout)
     assert Image.open(tmp_path / record["path"]).size == (40, 40)
+    assert record["mu"] == resolution_mu(5 * 5)
 
 
 @pytest.mark.slow

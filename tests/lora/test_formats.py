@@ -98,7 +98,7 @@ def test_module_names_agree_with_the_transformer_loader_on_all_264_linears():
     from krea2kit.models import dit_loader
 
     names = list(linears(build_meta(PRESETS["krea2-raw"])))
-    assert len(names) == 264  # reference notes §1.2
+    assert len(names) == 264  # 28*8 block + 33 txtfusion + 7 standalone Linears
     for n in names:
         assert native_to_diffusers(n) == dit_loader.native_to_diffusers(n)
         assert diffusers_to_native(native_to_diffusers(n)) == n
@@ -331,7 +331,7 @@ def _full_model_linears() -> dict[str, tuple[int, int]]:
 
 def test_official_style_lora_covers_all_264_linears_of_the_full_model():
     """The official style LoRAs: 528 ``transformer.*`` lora_A/lora_B tensors, rank 32, no alpha
-    (reference notes §6); and musubi's ``lora_unet_*`` + alpha for the same modules (§5)."""
+    (``krea/Krea-2-LoRA-*``); and musubi-tuner's ``lora_unet_*`` + alpha for the same modules."""
     full = _full_model_linears()
     official, musubi = {}, {}
     for n, (o, i) in full.items():

@@ -126,7 +126,9 @@ def test_config_roundtrips_through_diffusers_config():
     from krea2kit.models.dit import get_preset
 
     assert get_preset("krea2-turbo") is PRESETS["krea2-turbo"]
-    with pytest.raises(ValueError, match="krea2-raw"):
+    from krea2kit.errors import PluginError
+
+    with pytest.raises(PluginError, match="'krea3'.*krea2-raw, krea2-turbo"):
         get_preset("krea3")
 
 

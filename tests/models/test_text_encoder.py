@@ -27,6 +27,7 @@ from krea2kit.models.text_encoder import (
     load_text_tower,
 )
 from krea2kit.models.tokenizer import PromptTemplate, QwenTokenizer
+from support.oracles import encode_padded_reference
 from support.presets import TINY_TEXT
 
 transformers = pytest.importorskip("transformers")
@@ -106,7 +107,7 @@ def test_tapped_states_match_transformers(hf_model, tokenizer, taps):
         ref = torch.stack([ref[t] for t in taps], dim=2)[:, tokens.prefix_len:]
         ref_mask = mask[:, tokens.prefix_len:]
         # 1) the official padded block, every position (padding rows included)
-        padded, pmask = enc.encode_padded_reference(PROMPTS)
+        padded, pmask = encode_padded_reference(enc, PROMPTS)
         # 2) the exact path: real tokens only
         trimmed, tmask = enc.encode(PROMPTS)
     assert tokens.truncated[3] > 0 and ref_mask.sum(1).tolist()[1] == tokens.suffix_len
@@ -166,7 +167,7 @@ def test_bf16_matches_official_module_to_bf16(hf_model, tokenizer):
         ids, mask = tokens.padded()
         ref = hf_states(hf16, ids, mask)
         ref = torch.stack([ref[t] for t in taps], dim=2)[:, tokens.prefix_len:]
-        got, _ = enc.encode_padded_reference(prompts)
+        got, _ = encode_padded_reference(enc, prompts)
         errs[official] = (got.float() - ref.float()).abs().max().item()
         if official:
             trimmed, tmask = enc.encode(prompts)

@@ -109,13 +109,6 @@ def test_template_layout_matches_official_tokenizer_call(ours, official_tok):
     assert tokens.truncated[-1] == full - 507
 
 
-def test_output_positions_put_suffix_last(ours):
-    tokens = tokenize_prompts(ours, ["a red fox", ""])
-    (sp, tp, ss, ts), (sp2, tp2, ss2, ts2) = tokens.output_positions(12)
-    assert list(tp) == list(range(tokens.prompt_lens[0])) and list(ts) == list(range(7, 12))
-    assert len(sp2) == 0 and [tokens.ids[1][k] for k in ss2] == ours.encode(KREA2_SUFFIX)
-
-
 def test_real_vocab_must_split_template_34_plus_5(tmp_path):
     """With a full-size Qwen vocabulary, anything but the official 34 + 5 is refused."""
     build_tiny_tokenizer(tmp_path, vocab_size=270)  # barely more than bytes: the prefix is long

@@ -17,8 +17,6 @@ from krea2kit.models.vae_flux2 import (
     Flux2VAEConfig,
     infer_config,
     load_flux2_vae,
-    patchify_latents,
-    unpatchify_latents,
 )
 from support.presets import flux2_vae
 
@@ -170,18 +168,17 @@ def test_inverse_mapping_reproduces_bfl_key_list():
     assert mapped == bkeys
 
 
-def test_patchify_roundtrip_and_order():
-    z = torch.randn(2, 3, 4, 6)
-    p = patchify_latents(z)
-    assert p.shape == (2, 12, 2, 3)
-    # Channel index c*4 + 2*pi + pj holds z[c, 2i+pi, 2j+pj].
-    assert p[1, 2 * 4 + 2 * 1 + 0, 1, 2] == z[1, 2, 3, 4]
-    assert torch.equal(unpatchify_latents(p), z)
-    assert torch.equal(p, Flux2Pipeline._patchify_latents(z))
-
-
 # ---------------------------------------------------------------------------
 # Oracle: diffusers AutoencoderKLFlux2 + Flux2Pipeline normalisation
+
+
+def _set_subpixel(vae, enabled: bool) -> None:
+    """The folded 2x2 sub-pixel upsample conv (default) or the literal nearest + 3x3 conv."""
+    from krea2kit.models.vae_flux2 import Upsample
+
+    for m in vae.modules():
+        if isinstance(m, Upsample):
+            m.subpixel = enabled
 
 
 @pytest.fixture
@@ -210,7 +207,7 @@ def test_oracle_encode_decode(tmp_path, preset, subpixel_everywhere):
 
     raw = vae.encode_raw(x)
     model = vae.encode(x)
-    e_raw, e_model = _maxdiff(raw, ref_mean), _maxdiff(patchify_latents(model), ref_model)
+    e_raw, e_model = _maxdiff(raw, ref_mean), _maxdiff(Flux2Pipeline._patchify_latents(model), ref_model)
     # measured: 0.0 (bit-identical fp32) for both, tiny and tiny3, seeds 3-5; outputs ~5
     assert e_raw <= TOL and e_model <= TOL, (e_raw, e_model)
     assert model.shape == (2, cfg.latent_channels, 16, 12)
@@ -229,9 +226,9 @@ def test_oracle_encode_decode(tmp_path, preset, subpixel_everywhere):
     # multiplying); images of magnitude ~3-6
     assert e_dec <= TOL and e_dec_raw <= TOL, (e_dec, e_dec_raw)
     # The literal nearest-upsample + 3x3 conv path is bit-identical to diffusers.
-    vae.set_subpixel_upsample(False)
+    _set_subpixel(vae, False)
     assert _maxdiff(vae.decode(z), ref_img) == 0.0
-    vae.set_subpixel_upsample(True)
+    _set_subpixel(vae, True)
     assert _maxdiff(vae.decode(z), ref_img) > 0.0  # the fast path did run
     assert img.shape == (2, 3, 8 * f, 10 * f) and ref_img.abs().max() > 0.1
     # normalize/denormalize are inverses
@@ -259,7 +256,8 @@ def test_attention_chunked_equals_unchunked():
     vae.eval()
     z = torch.randn(1, cfg.latent_channels, 12, 10, generator=torch.Generator().manual_seed(2))
     full = vae.decode(z)
-    vae.set_attention_chunk(7)  # 120 queries in chunks of 7, last one partial
+    for m in (vae.encoder.mid_block.attentions[0], vae.decoder.mid_block.attentions[0]):
+        m.query_chunk = 7  # 120 queries in chunks of 7, last one partial
     chunked = vae.decode(z)
     err = _maxdiff(full, chunked)
     assert err <= TOL, err  # measured: 1.4e-6 (outputs of magnitude ~3)
@@ -352,7 +350,7 @@ def test_tiled_decode_and_encode_close_to_untiled(tmp_path):
     assert (e_tiled - e_full).abs().mean().item() < 0.2
     # auto: small images stay untiled; a lower threshold tiles with the default tile size
     assert torch.equal(vae.decode(z, tile="auto"), full)
-    vae.auto_tile_threshold_pixels = 1
+    vae.tile_threshold = 1
     with pytest.MonkeyPatch.context() as mp:
         import krea2kit.models.vae_flux2 as mod
 

@@ -120,7 +120,7 @@ def test_contract_and_param_count():
         vae = QwenImageVAE(QwenVAEConfig.preset("qwen-image"))
     assert vae.contract == LatentContract(channels=16, factor=8, patch=1, normalization="mean-std")
     # 126,892,531 params in diffusers minus 2,324,544 unused time_conv params, with the
-    # 3x3x3 kernels folded to 3x3 (notes/vaes.md §3.1: 44.6 M effective).
+    # 3x3x3 kernels folded to 3x3 (44.6 M effective).
     n = sum(p.numel() for p in vae.parameters())
     assert 44_000_000 < n < 45_000_000
 
@@ -192,7 +192,7 @@ def test_bf16_close_to_diffusers_bf16(pair):
         want = ref16.decode(lat[:, :, None].bfloat16()).sample[:, :, 0].float()
     got = vae.decode_raw(lat).float()
     # bf16 rounding differs between the 3D and 2D convolutions; diffusers' own bf16 vs
-    # fp32 gap is ~5e-3 on random weights (notes/vaes.md §4).
+    # fp32 gap is ~5e-3 on random weights.
     assert (got - want).abs().max().item() < 5e-2
 
 

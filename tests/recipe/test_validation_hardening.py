@@ -27,6 +27,12 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def safetensors_bytes() -> bytes:
+    """A minimal valid safetensors file (one float32 tensor), written without torch."""
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    return len(header).to_bytes(8, "little") + header + b"\0" * 4
+
+
 # --------------------------------------------------------------------- recipe files
 
 
@@ -71,8 +77,9 @@ def test_crlf_and_a_byte_order_mark_still_parse(cli_inproc, tmp_path):
     assert json.loads(res.stdout)["seed"] == 4
 
 
-def test_deep_nesting_from_stdin_and_set(cli_inproc):
+def test_deep_nesting_from_stdin_and_set(cli_inproc, tmp_path):
     cli = cli_inproc
+    (tmp_path / "a.safetensors").write_bytes(safetensors_bytes())  # the [[loras]] file below is checked
     deep = "[" * 3000 + "]" * 3000
     res = cli("run", "-", "--dry-run", input=f'prompt = "x"\nv = {deep}\n')
     assert res.code == EXIT_USAGE and f"nested more than {MAX_NESTING} levels deep" in res.stderr

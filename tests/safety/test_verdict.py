@@ -5,11 +5,11 @@ import time
 
 import pytest
 
+from krea2kit.contracts import ImageFilter, PromptFilter
 from krea2kit.errors import Krea2kitError
 from krea2kit.safety.verdict import (CATEGORY_FILTER_ERROR, CATEGORY_FILTER_TIMEOUT,
                                      CATEGORY_FILTER_UNAVAILABLE, CATEGORY_NO_FILTERS, Decision,
-                                     ImageFilter, PromptFilter, UnavailableFilter, Verdict,
-                                     load_filter, run_filters)
+                                     UnavailableFilter, Verdict, load_filter, run_filters)
 
 
 class Fixed:

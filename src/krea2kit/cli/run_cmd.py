@@ -139,13 +139,13 @@ def load_and_report(out: Output, source: str | None, overrides: list[str]):
     """Load a recipe; for one read from an image, say on stderr which of its keys were
     ignored (one line), before anything else can fail."""
     from krea2kit.api import load_recipe
-    from krea2kit.recipe.loader import image_lora_mismatches
+    from krea2kit.recipe.loader import image_init_mismatches, image_lora_mismatches
 
     loaded = load_recipe(source, overrides=overrides)
     if loaded.dropped:
         keys = ", ".join(loaded.dropped)
         out.warn(f"{loaded.path}: keys of the image's recipe ignored, local settings apply: {keys}")
-    for note in image_lora_mismatches(loaded):
+    for note in image_lora_mismatches(loaded) + image_init_mismatches(loaded):
         out.warn(note)
     return loaded
 
@@ -162,10 +162,33 @@ def run_command(out: Output, recipe: str | None, overrides: list[str], prompts: 
                          dry_run=dry_run)
     plan = session.plan(load_and_report(out, recipe, overrides), prompts=prompts or None)
     if dry_run:
-        print_dry_run(out, plan, as_json=as_json)
+        memory = dry_run_memory(out, session, plan)
+        print_dry_run(out, plan, as_json=as_json, extra={"memory": memory} if memory else None)
         out.info(f"dry run: {len(plan.jobs)} image(s) with {plan.model.name}; nothing loaded")
         return EXIT_OK
     return execute(out, session, plan, as_json=as_json)
+
+
+def dry_run_memory(out: Output, session, plan) -> dict[str, Any] | None:
+    """The plan's memory estimate (krea2kit.memory) on stderr; its JSON form for --json lines."""
+    from krea2kit.errors import Krea2kitError
+    from krea2kit.memory import estimate
+    from krea2kit.pipeline import pick_device, pick_dtype
+
+    settings = session.settings
+    model = plan.recipe.model
+    try:
+        requested = model.device if model.device != "auto" else (settings.device or "auto")
+        # an explicit device is taken as given: planning for a GPU machine from this one is fine
+        device = requested if requested != "auto" else pick_device("auto")
+        dtype = pick_dtype(model.dtype if model.dtype != "auto" else (settings.dtype or "auto"), device)
+        est = estimate(plan, settings, device=device, dtype=dtype)
+    except Krea2kitError as exc:  # e.g. a weights file that is not one: the run would say so too
+        out.warn(f"no memory estimate: {exc}")
+        return None
+    for line in est.lines() + est.notes:
+        out.info(line)
+    return est.to_json()
 
 
 def print_dry_run(out: Output, plan, *, as_json: bool, extra: dict[str, Any] | None = None) -> None:

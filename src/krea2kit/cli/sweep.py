@@ -43,15 +43,37 @@ def contact_sheet(rows: list[list], labels: list[str]):
     return sheet
 
 
+class _Columns:
+    """The recipe loaded once, as ``run`` loads it (an image's ignored keys reported on
+    stderr, stdin read once), and planned again for each slider value."""
+
+    def __init__(self, out: Output, session, recipe, overrides, prompts) -> None:
+        from krea2kit.cli.run_cmd import load_and_report
+
+        self.session, self.prompts = session, prompts or None
+        self.loaded = load_and_report(out, recipe, overrides)
+
+    def plan(self, index: int | None = None, value: float | None = None):
+        import copy
+
+        from krea2kit.recipe.loader import apply_overrides
+
+        loaded = copy.deepcopy(self.loaded)  # planning fills in defaults: each column starts afresh
+        if index is not None:
+            apply_overrides(loaded, [f"sliders.{index}.value={value!r}"])
+        return self.session.plan(loaded, prompts=self.prompts)
+
+
 def run_sweep(out: Output, session, recipe, overrides, prompts, sweeps, *, as_json: bool,
               dry_run: bool = False) -> int:
     if len(sweeps) != 1:
         raise UsageError("one --sweep at a time", key="--sweep")
     name, values = sweeps[0]
-    base = session.plan(recipe, overrides=overrides, prompts=prompts or None)
+    columns = _Columns(out, session, recipe, overrides, prompts)
+    base = columns.plan()
     index = _slider_index(base, name)
     if dry_run:
-        return _dry_run(out, session, recipe, overrides, prompts, name, index, values, as_json=as_json)
+        return _dry_run(out, columns, name, index, values, as_json=as_json)
 
     from PIL import Image
 
@@ -64,7 +86,7 @@ def run_sweep(out: Output, session, recipe, overrides, prompts, sweeps, *, as_js
     records_all = []
     blocked = False
     for c, value in enumerate(values):
-        plan = session.plan(recipe, overrides=[*overrides, f"sliders.{index}.value={value!r}"], prompts=prompts or None)
+        plan = columns.plan(index, value)
         records = execute_collect(out, session, plan, as_json=as_json)
         for rec in records:
             records_all.append(rec)
@@ -89,14 +111,14 @@ def run_sweep(out: Output, session, recipe, overrides, prompts, sweeps, *, as_js
     return EXIT_BLOCKED if blocked else EXIT_OK
 
 
-def _dry_run(out: Output, session, recipe, overrides, prompts, name, index, values, *, as_json: bool) -> int:
+def _dry_run(out: Output, columns: _Columns, name, index, values, *, as_json: bool) -> int:
     """Plan every column of the sweep (so each slider value is validated) and list the
     images; load no part and write nothing."""
     from krea2kit.cli.run_cmd import print_dry_run
 
     total = 0
     for value in values:
-        plan = session.plan(recipe, overrides=[*overrides, f"sliders.{index}.value={value!r}"], prompts=prompts or None)
+        plan = columns.plan(index, value)
         print_dry_run(out, plan, as_json=as_json, extra={"slider": name, "value": value})
         total += len(plan.jobs)
     out.info(f"dry run: {total} image(s) in a {len(values)}-column sweep of {name!r}; nothing loaded")

@@ -21,7 +21,7 @@ def vae():
 @click.option("--model", "model_name", default=None, help="Take the VAE weights of this model preset.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Where to save the result (default: IMAGE-roundtrip.png).")
 @click.option("--tile", default="auto", show_default=True, help="'auto', 'off' or a tile size in pixels.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the path and PSNR.")
 @click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
 @click.pass_context
@@ -66,7 +66,7 @@ def roundtrip(ctx, image, vae_name, weights, model_name, out_path, tile, device,
                                                   config=config, dtype=pick_dtype("float32", dev), device=dev,
                                                   settings=settings))
     result = roundtrip_image(part, src, dest, tile=None if tile == "off" else (tile if tile == "auto" else int(tile)),
-                             overwrite=overwrite)
+                             overwrite=overwrite, weights=str(weights))
     dest = result["path"]
     for note in result["notes"]:
         out.warn(note)

@@ -1,10 +1,10 @@
 """Generative sliders: a signed value that drives the strength of one or more LoRAs.
 
 A Concept Slider is an ordinary LoRA applied with a signed multiplier; negative values push
-the opposite way (Gandikota et al., arXiv 2311.12092; reference notes
-``filters_sliders_perf.md`` §2.1-§2.2). Typical ranges are about ±5. The reference code
-keeps the slider off during the first part of sampling to preserve composition
-("start_noise"), hence the optional ``start_step``.
+the opposite way (Concept Sliders, Gandikota et al. 2023, arXiv 2311.12092). Typical ranges
+are about ±5 (the FLUX sliders of ``rohitgandikota/sliders`` sweep -5..5). That code keeps
+the slider off during the first part of sampling to preserve composition (``start_noise``),
+hence the optional ``start_step``.
 
 A :class:`Slider` of kind ``"lora"`` (the ``[[sliders]]`` kind) binds one or more LoRAs, each with its own
 value -> strength mapping (a gain, or piecewise-linear points), and yields per-LoRA
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Annotated, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from krea2kit.errors import UsageError
 from krea2kit.lora.apply import StepSchedule, StrengthFn
@@ -25,33 +25,44 @@ from krea2kit.lora.apply import StepSchedule, StrengthFn
 #: The one name of this slider kind: registered under it (builtins) and written in recipes.
 SLIDER_KIND = "lora"
 SLIDER_KINDS = (SLIDER_KIND,)
-#: default slider range (ai-toolkit's slider samples and ComfyUI use about ±5; notes §2.2).
+#: default slider range (ai-toolkit's ``train_slider.example.yml`` samples at -5..5).
 DEFAULT_RANGE = (-5.0, 5.0)
 
 
-class Binding(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# Slider options are strict like the recipe's tables (``gain = true`` or ``start_step = "2"``
+# is an error, not 1.0 or 2), field by field: a model-wide strict mode would also refuse the
+# TOML arrays that give the (min, max) and (value, strength) pairs, since strict tuples take
+# only tuples. An integer is still a valid float (pydantic's strict floats accept ints).
+_Float = Annotated[float, Strict()]
+_Int = Annotated[int, Strict()]
+_Str = Annotated[str, Strict()]
+_Pair = tuple[_Float, _Float]
+_OPTIONS = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    lora: str
-    gain: float = 1.0
-    points: list[tuple[float, float]] | None = Field(
+
+class Binding(BaseModel):
+    model_config = _OPTIONS
+
+    lora: _Str
+    gain: _Float = 1.0
+    points: list[_Pair] | None = Field(
         None, description="piecewise-linear [value, strength] pairs instead of gain x value")
 
 
 class LoraSliderOptions(BaseModel):
     """``[[sliders]]`` keys of kind "lora" (besides name, value, kind)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _OPTIONS
 
-    lora: str | None = Field(None, description="The [[loras]] name this slider drives")
-    loras: list[str | Binding] | None = Field(None, description="Several LoRAs, each with its own gain or points")
-    gain: float = 1.0
-    points: list[tuple[float, float]] | None = None
-    range: tuple[float, float] = (-5.0, 5.0)
-    default: float = 0.0
-    start_step: int = Field(0, ge=0, description="Apply only from this step on (keeps composition, as Concept Sliders do)")
-    end_step: int | None = Field(None, ge=1)
-    description: str = ""
+    lora: _Str | None = Field(None, description="The [[loras]] name this slider drives")
+    loras: list[_Str | Binding] | None = Field(None, description="Several LoRAs, each with its own gain or points")
+    gain: _Float = 1.0
+    points: list[_Pair] | None = None
+    range: _Pair = (-5.0, 5.0)
+    default: _Float = 0.0
+    start_step: _Int = Field(0, ge=0, description="Apply only from this step on (keeps composition, as Concept Sliders do)")
+    end_step: _Int | None = Field(None, ge=1)
+    description: _Str = ""
 
     @model_validator(mode="after")
     def _bound(self):

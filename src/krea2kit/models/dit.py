@@ -237,11 +237,16 @@ PRESETS: dict[str, DiTConfig] = {
 
 
 def get_preset(name: str) -> DiTConfig:
-    """A named config from :data:`PRESETS`, with the valid names in the error."""
+    """A named config from :data:`PRESETS` (a model preset's ``dit_config``); an unknown
+    name is the preset's mistake, reported with the valid names."""
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown transformer preset {name!r}; choose from {', '.join(PRESETS)}") from None
+        from krea2kit.errors import PluginError
+
+        raise PluginError(f"the model preset names transformer config {name!r}, which the built-in "
+                          f"transformer does not know; known: {', '.join(PRESETS)}", key="dit_config",
+                          hint='use one of those, or "" to read the config from the weights') from None
 
 
 # ---------------------------------------------------------------------------

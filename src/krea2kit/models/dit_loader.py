@@ -1,6 +1,6 @@
 """Loading Krea 2 transformer weights from any of the layouts found in the wild.
 
-Layouts, detected from the keys (see the reference notes, krea2_ecosystem.md §0-§3):
+Layouts, detected from the keys:
 
 * ``native``: the official single files ``raw.safetensors`` / ``turbo.safetensors`` (bare
   native keys ``first``, ``blocks.N.attn.wq``, ``txtfusion`` ... as in krea-ai/krea-2).

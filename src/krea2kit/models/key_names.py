@@ -72,7 +72,7 @@ BLOCK_SPECIALS = {"mod.lin": "scale_shift_table"}
 #: whole keys outside the blocks that are renamed as a unit.
 TOP_SPECIALS = {"last.modulation.lin": "final_layer.scale_shift_table", "txtfusion": "text_fusion"}
 #: extra diffusers spellings of a Linear, read but never written: ComfyUI registers
-#: ``attn.to_out`` as well as ``attn.to_out.0`` for LoRA keys (reference notes §4.2).
+#: ``attn.to_out`` as well as ``attn.to_out.0`` for LoRA keys (``comfy/lora.py``, Krea2 branch).
 LINEAR_ALIASES = {"attn.to_out": "attn.wo"}
 #: diffusers' fused q/k/v projection (``fuse_qkv_projections``; SimpleTuner saves LoRAs on it).
 FUSED_QKV = "attn.to_qkv"

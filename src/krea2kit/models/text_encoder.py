@@ -90,13 +90,6 @@ PRESETS: dict[str, Qwen3TextConfig] = {
 }
 
 
-def config_from_preset(name: str) -> Qwen3TextConfig:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown text-encoder preset {name!r}; known: {', '.join(PRESETS)}") from None
-
-
 def layers_needed(taps: Sequence[int], num_hidden_layers: int) -> tuple[int, bool]:
     """(decoder layers to build, whether the final norm is needed) for these hidden-state taps."""
     taps = tuple(int(t) for t in taps)
@@ -490,6 +483,6 @@ def load_text_tower(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtyp
 
 
 __all__ = [
-    "KREA2_TAPS", "PRESETS", "Qwen3TextConfig", "Qwen3TextTower", "LoadedTower", "config_from_preset",
+    "KREA2_TAPS", "PRESETS", "Qwen3TextConfig", "Qwen3TextTower", "LoadedTower",
     "config_from_dict", "config_from_shapes", "detect_language_prefix", "layers_needed", "load_text_tower",
 ]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Default auto-tiling threshold in image pixels (H*W): a 1536^2 image still decodes in
 #: one pass, a 2048^2 one is tiled. Untiled 2048^2 needs ~4.5 GiB of bf16 activations
-#: for the Qwen-Image decoder (notes/vaes.md §3.2) plus the 65536-token attention.
+#: for the Qwen-Image decoder (estimated on the meta device) plus the 65536-token attention.
 DEFAULT_TILE_THRESHOLD_PIXELS = 1536 * 1536
 
 
@@ -265,7 +265,8 @@ def _vae_device_dtype(vae: Any) -> tuple[Any, Any]:
         return torch.device("cpu"), torch.float32
 
 
-def roundtrip(vae: Any, image: "Image.Image", **codec_kwargs: Any) -> tuple["Image.Image", float]:
+def roundtrip(vae: Any, image: "Image.Image", *, check: Callable[["torch.Tensor", str], None] | None = None,
+              **codec_kwargs: Any) -> tuple["Image.Image", float]:
     """Encode then decode a PIL image with ``vae``; return the reconstruction and its PSNR.
 
     Works with any VAE whose ``encode(images in [-1,1])`` returns latents and whose
@@ -274,7 +275,9 @@ def roundtrip(vae: Any, image: "Image.Image", **codec_kwargs: Any) -> tuple["Ima
     yourself to show the note); the PSNR compares against that RGB image. Sides that
     are not multiples of the VAE's factor (``contract.factor * contract.patch``) are
     padded by edge replication and cropped back. ``codec_kwargs`` (e.g. ``tile=``) go
-    to both ``encode`` and ``decode``.
+    to both ``encode`` and ``decode``. ``check(tensor, what)`` is called on the latents and
+    on the decoded images before either is used (the ``vae roundtrip`` command stops on
+    non-finite values there: NaN weights would otherwise give an all-black picture).
     """
     import torch
 
@@ -284,6 +287,10 @@ def roundtrip(vae: Any, image: "Image.Image", **codec_kwargs: Any) -> tuple["Ima
     x, size = pad_to_multiple(x, _vae_multiple(vae))
     with torch.inference_mode():
         z = vae.encode(x, **codec_kwargs)
+        if check is not None:
+            check(z, "the latents")
         y = vae.decode(z, **codec_kwargs)
+        if check is not None:
+            check(y, "the decoded image")
     out = tensor_to_pil(crop_to(y, size))
     return out, psnr(rgb, out)

@@ -152,21 +152,6 @@ class TemplateTokens:
         """Output length of the exact path: the longest prompt plus the suffix."""
         return max(self.prompt_lens) + self.suffix_len
 
-    def output_positions(self, length: int) -> list[tuple[range, range, range, range]]:
-        """For each prompt: (prompt source, prompt target, suffix source, suffix target) positions.
-
-        Sources index ``ids[i]``; targets index an output of ``length`` positions.
-
-        Prompt tokens go to the front, the suffix to the last ``suffix_len`` slots: the
-        official ``[prompt | PAD | suffix]`` layout, padded to ``length``.
-        """
-        out = []
-        for i, n in enumerate(self.prompt_lens):
-            src_prompt = range(self.prefix_len, self.prefix_len + n)
-            src_suffix = range(len(self.ids[i]) - self.suffix_len, len(self.ids[i]))
-            out.append((src_prompt, range(0, n), src_suffix, range(length - self.suffix_len, length)))
-        return out
-
     def output_mask(self, length: int | None = None):
         """Bool mask (B, length) of the output layout (default: the trimmed length)."""
         import torch

@@ -1,8 +1,7 @@
 """The FLUX.2 VAE (32-channel KL autoencoder with a batch-norm-normalised 2x2 patchify).
 
 Architecture (facts from diffusers 0.42.1 ``AutoencoderKLFlux2`` + ``vae.py``
-Encoder/Decoder, and BFL ``flux2/src/flux2/autoencoder.py``; see
-``shared/reference/notes/vaes.md`` §2):
+Encoder/Decoder, and BFL ``flux2/src/flux2/autoencoder.py``):
 
 * an SD/FLUX.1-style f8 conv autoencoder: GroupNorm(eps 1e-6) + SiLU resnet blocks,
   one single-head attention block in each mid block, ``quant_conv`` 64->64 after the
@@ -124,21 +123,6 @@ PRESETS: dict[str, dict] = {
 
 # ---------------------------------------------------------------------------
 # Patchify and the batch-norm latent normalisation
-
-
-def patchify_latents(z: torch.Tensor, patch: int = 2) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C*p*p, H/p, W/p), channel order ``(c, pi, pj)`` (BFL/diffusers)."""
-    b, c, h, w = z.shape
-    z = z.view(b, c, h // patch, patch, w // patch, patch).permute(0, 1, 3, 5, 2, 4)
-    return z.reshape(b, c * patch * patch, h // patch, w // patch)
-
-
-def unpatchify_latents(z: torch.Tensor, patch: int = 2) -> torch.Tensor:
-    """Inverse of :func:`patchify_latents`."""
-    b, cp, h, w = z.shape
-    c = cp // (patch * patch)
-    z = z.view(b, c, patch, patch, h, w).permute(0, 1, 4, 2, 5, 3)
-    return z.reshape(b, c, h * patch, w * patch)
 
 
 class LatentBatchNorm(nn.Module):
@@ -420,9 +404,9 @@ class Flux2VAE(nn.Module):
         self.bn = LatentBatchNorm(c * math.prod(cfg.patch_size), eps=cfg.batch_norm_eps)
         self.contract = LatentContract(channels=c, factor=cfg.factor, patch=cfg.patch_size[0],
                                        normalization="batchnorm-patchified")
-        # Area in image pixels above which ``tile="auto"`` tiles; None = the shared default
-        # of ``krea2kit.models.tiling`` (a recipe's threshold can be set here).
-        self.auto_tile_threshold_pixels: int | None = None
+        # Area in image pixels above which ``tile="auto"`` tiles (None: never), the shared
+        # default of ``krea2kit.models.tiling`` unless set (as the Qwen-Image VAE's).
+        self.tile_threshold: int | None = _tiling().DEFAULT_TILE_THRESHOLD_PIXELS
 
     # -- helpers ---------------------------------------------------------
 
@@ -434,19 +418,6 @@ class Flux2VAE(nn.Module):
     def device(self) -> torch.device:
         return self.decoder.conv_in.weight.device
 
-    def set_subpixel_upsample(self, enabled: bool) -> None:
-        """Use the folded 2x2 sub-pixel upsample conv (default, faster) or the literal
-        nearest-upsample + 3x3 conv of the reference implementations."""
-        for m in self.modules():
-            if isinstance(m, Upsample):
-                m.subpixel = bool(enabled)
-
-    def set_attention_chunk(self, query_chunk: int | None) -> None:
-        """Force the mid-block attention query chunk (None = from the score budget)."""
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.query_chunk = query_chunk
-
     def _tile_plan(self, h: int, w: int, tile: int | str | None) -> int | None:
         """Tile size in pixels, or None for an untiled pass."""
         if tile is None or tile is False:
@@ -454,9 +425,8 @@ class Flux2VAE(nn.Module):
         if tile == "auto":
             t = _tiling()
             # Shared default 1536^2 px: an untiled FLUX.2 decode at 2048^2 needs ~6 GiB of
-            # bf16 activations (notes/vaes.md §3.2).
-            threshold = self.auto_tile_threshold_pixels
-            if not t.needs_tiling(h, w, t.DEFAULT_TILE_THRESHOLD_PIXELS if threshold is None else threshold):
+            # bf16 activations (estimated by tracking live tensors on the meta device).
+            if not t.needs_tiling(h, w, self.tile_threshold):
                 return None
             return DEFAULT_TILE_PIXELS
         if isinstance(tile, bool) or not isinstance(tile, int):
@@ -584,7 +554,7 @@ _ATTN_WEIGHT = re.compile(r"(en|de)coder\.mid_block\.attentions\.0\.(to_q|to_k|t
 def _bfl_key_map(n_levels: int) -> Callable[[str], str | None]:
     """A function mapping one BFL ``ae.safetensors`` key to our (diffusers) key.
 
-    Rules from diffusers' ``scripts/convert_flux2_to_diffusers.py`` (notes §2.3): the
+    Rules from diffusers' ``scripts/convert_flux2_to_diffusers.py``: the
     quant convs live inside encoder/decoder in BFL's file, ``block``/``nin_shortcut``/
     ``norm_out`` are renamed, and the decoder ``up`` list is stored lowest resolution last,
     so BFL ``up.{k}`` is our ``up_blocks.{n_levels - 1 - k}``.

@@ -2,7 +2,7 @@
 
 The published VAE (diffusers ``AutoencoderKLQwenImage``, fine-tuned from the Wan 2.1
 video VAE) is a causal 3D conv net. For a single image (one frame) it is exactly a 2D
-conv net (notes/vaes.md §0, §1.5):
+conv net (diffusers 0.42.1 ``autoencoder_kl_qwenimage.py``; checked against it in tests):
 
 * a causal conv with temporal kernel 3 pads two zero frames in front, so on one frame
   only its last temporal slice sees data: ``conv2d(x, w[:, :, -1], padding=1)``;
@@ -257,8 +257,8 @@ class Downsample(nn.Module):
 
 class _Nearest2x(nn.Module):
     # Upstream uses mode "nearest-exact"; for an exact x2 it picks the same pixels as
-    # "nearest" (notes/vaes.md §1.5, verified), and nearest copies values, so the
-    # float32 round trip upstream does is a no-op.
+    # "nearest" (tests/models/test_vae_qwen.py compares with diffusers), and nearest copies
+    # values, so the float32 round trip upstream does is a no-op.
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
@@ -535,7 +535,7 @@ _RESIDUAL_RENAMES = {"residual.0": "norm1", "residual.2": "conv1", "residual.3":
 def wan_to_diffusers_key(key: str, num_res_blocks: int = 2) -> str:
     """Rename one Wan 2.1 / ComfyUI VAE key to the diffusers (= native) name.
 
-    Table: notes/vaes.md §1.4 (diffusers ``convert_wan_vae_to_diffusers``). The decoder's
+    Table: diffusers ``convert_wan_vae_to_diffusers`` (``loaders/single_file_utils.py``). The decoder's
     flat ``upsamples`` list holds, per level, ``num_res_blocks + 1`` res blocks and one
     upsampler (none on the last level).
     """

@@ -108,23 +108,6 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files())
 
-    def identity(self) -> str:
-        """A cheap, stable fingerprint: sha256 over each file's safetensors header and size.
-
-        The header lists every tensor's name, dtype, shape and byte range, so two files
-        with the same identity hold the same layout of the same number of bytes; it is
-        what image metadata and caches record instead of hashing gigabytes.
-        """
-        import hashlib
-
-        digest = hashlib.sha256()
-        for f in self.files():
-            with f.open("rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                digest.update(fh.read(n))
-            digest.update(str(f.stat().st_size).encode())
-        return "sha256-header:" + digest.hexdigest()[:32]
-
     def get(self, key: str) -> "torch.Tensor":
         """Read one tensor (from the memory-mapped file)."""
         return self.get_many([key])[key]
@@ -328,13 +311,8 @@ def assign_weights(
             unexpected.append(ck)
     missing = [k for k in expected if k not in plan]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({summarize_names(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({summarize_names(unexpected)})")
         raise WeightsError(
-            f"the {what} do not match the model: " + "; ".join(parts),
+            mismatch_message(what, missing, unexpected),
             file=str(checkpoint.path),
             hint=f"this file looks like {guess_checkpoint_kind(checkpoint.keys())}",
         )
@@ -363,10 +341,23 @@ def assign_weights(
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(torch.float32 if keep_fp32 and keep_fp32(mk) else dtype)
         tensor = tensor.to(device)
-        _set_tensor(module, mk, tensor)
+        set_tensor(module, mk, tensor)
 
 
-def _set_tensor(module: "torch.nn.Module", name: str, tensor: "torch.Tensor") -> None:
+def mismatch_message(what: str, missing: Iterable[str], unexpected: Iterable[str]) -> str:
+    """"the <what> do not match the model: N missing (...); M unexpected (...)", the parts
+    that are non-empty, each list summarised."""
+    missing, unexpected, parts = list(missing), list(unexpected), []
+    if missing:
+        parts.append(f"{len(missing)} missing ({summarize_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({summarize_names(unexpected)})")
+    return f"the {what} do not match the model: " + "; ".join(parts)
+
+
+def set_tensor(module: "torch.nn.Module", name: str, tensor: "torch.Tensor") -> None:
+    """Put ``tensor`` in place of the parameter (frozen) or buffer ``name`` of ``module``
+    (replacing a meta-device placeholder without copying)."""
     import torch
 
     owner_name, _, leaf = name.rpartition(".")

@@ -1,6 +1,6 @@
 """Provenance metadata for generated images, and reading it back.
 
-Three layers (notes/anchors_style.md §5):
+Three layers:
 
 1. ``parameters``: the AUTOMATIC1111 "infotext", the de-facto standard read by Civitai, image
    viewers and the ComfyUI/Fooocus importers::

@@ -143,7 +143,7 @@ def write_image(image: Any, path: str | os.PathLike, *, format: str | None = Non
 # ---------------------------------------------------------------------------------------------
 # File names
 
-NAME_FIELDS = ("index", "seed", "prompt_slug", "date", "recipe", "model")
+NAME_FIELDS = ("index", "seed", "prompt_slug", "name", "date", "recipe", "model")
 DEFAULT_SLUG_LENGTH = 48
 _SLUG_BAD = re.compile(r"[^a-z0-9]+")
 
@@ -227,7 +227,7 @@ def check_template_syntax(template: str) -> list[str]:
 def render_name(template: str, **fields: Any) -> str:
     """Render a file-name template such as ``"{date}/{recipe}-{index:03d}-{seed}"``.
 
-    Fields: ``index``, ``seed``, ``prompt_slug``, ``date``, ``recipe``, ``model``, each plain or
+    Fields: ``index``, ``seed``, ``prompt_slug``, ``name``, ``date``, ``recipe``, ``model``, each plain or
     with a bounded width (:func:`check_template_syntax`). ``prompt_slug`` may be given as
     ``prompt=...`` and is slugified; ``date`` defaults to today (UTC is the caller's choice;
     pass ``date=`` for reproducible names). String values are sanitised (no path separators,

@@ -35,16 +35,38 @@ class DiTPart:
 def load(options: None, context: LoadContext) -> DiTPart:
     import torch
 
-    from krea2kit.models.dit import PRESETS
+    from krea2kit.models.dit import get_preset
     from krea2kit.models.dit_loader import load_dit
     from krea2kit.parts import weights_fingerprint
 
-    cfg = PRESETS[context.config] if context.config else None
+    cfg = get_preset(context.config) if context.config else None
+    dtype = getattr(torch, context.dtype)
+    # Block swap: load into host memory; the streamer moves what stays resident to the device.
+    streamed = context.offload == "blocks"
+    device = "cpu" if streamed else context.device
     # The official sampler casts the whole model to its dtype, norm scales included
     # (krea-ai/krea-2 inference.py); keeping them fp32 would not reproduce its images.
-    module = load_dit(context.location, config=cfg, dtype=getattr(torch, context.dtype), device=context.device,
-                      keep_norms_fp32=False)
+    if context.weights_dtype in ("fp8", "int8"):
+        from krea2kit.models.quant.onload import load_dit_quantizing
+
+        module = load_dit_quantizing(context.location, context.weights_dtype, config=cfg, dtype=dtype,
+                                     device=device, keep_norms_fp32=False)
+    else:
+        module = load_dit(context.location, config=cfg, dtype=dtype, device=device, keep_norms_fp32=False)
     module.eval()
+    if streamed:
+        from krea2kit.models.offload import stream_blocks
+
+        stream_blocks(module, context.device)
     identity = weights_fingerprint(context.location)
     storage = getattr(module, "storage_layout", None)  # quantized files (krea2kit.models.quant): fp8_scaled, gguf-Q8_0 ...
-    return DiTPart(module, f"{identity} storage={storage}" if storage else identity, layout=context.layout)
+    if storage:
+        identity = f"{identity} storage={storage} compute={QUANT_COMPUTE_PATH}"
+    return DiTPart(module, identity, layout=context.layout)
+
+
+#: How quantized layers compute, recorded in every image's metadata beside the storage layout.
+#: Every device takes the same portable path today (QuantLinear dequantizes one layer to the
+#: compute dtype, then a plain matmul); fp8/int8 tensor-core matmuls (torch._scaled_mm /
+#: torch._int_mm) are not wired in yet, so a CUDA run says the same.
+QUANT_COMPUTE_PATH = "dequantize-per-layer"

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from krea2kit.contracts import LoadContext
 
 
+# Strict like the recipe's own tables: TOML has real booleans, numbers, strings, arrays and
+# tables, so nothing is coerced (``threshold = true`` is not 1.0, ``"0.5"`` is not 0.5), and
+# a threshold is a finite number.
+_STRICT_OPTIONS = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class PromptRulesOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT_OPTIONS
 
     extra_terms: dict[str, list[str]] = Field(
         default_factory=dict, description="More terms per list (e.g. {sexual_explicit = [\"...\"]}): stricter only")
@@ -30,10 +36,31 @@ class PromptRulesOptions(BaseModel):
 
 
 class NsfwImageOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT_OPTIONS
 
     threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="Block at or above this NSFW score; a recipe may only lower it")
+
+    @field_validator("threshold")
+    @classmethod
+    def _lower_only(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # The deployer's ceiling arrives in the validation context at plan time, so
+        # `recipe check` and `run --dry-run` refuse a loosening recipe too.
+        settings = (info.context or {}).get("settings")
+        ceiling = image_threshold_ceiling(settings)
+        if value is not None and value > ceiling:
+            raise ValueError(f"a recipe may only lower the NSFW threshold (deployer value {ceiling}); "
+                             "raising it is a deployer decision: safety.image_threshold in the user config")
+        return value
+
+
+def image_threshold_ceiling(settings: Any) -> float:
+    """The highest NSFW threshold a recipe may ask for: the deployer's, else the default."""
+    from krea2kit.safety.image_filter import DEFAULT_BLOCK_THRESHOLD
+
+    if settings is not None and settings.safety.image_threshold is not None:
+        return settings.safety.image_threshold
+    return DEFAULT_BLOCK_THRESHOLD
 
 
 def prompt_rules(options: PromptRulesOptions | None, context: LoadContext) -> Any:
@@ -47,12 +74,9 @@ def prompt_rules(options: PromptRulesOptions | None, context: LoadContext) -> An
 
 def nsfw_image(options: NsfwImageOptions | None, context: LoadContext) -> Any:
     from krea2kit.errors import RecipeError
-    from krea2kit.safety.image_filter import DEFAULT_BLOCK_THRESHOLD, from_config
+    from krea2kit.safety.image_filter import from_config
 
-    ceiling = DEFAULT_BLOCK_THRESHOLD
-    settings = context.settings
-    if settings is not None and settings.safety.image_threshold is not None:
-        ceiling = settings.safety.image_threshold
+    ceiling = image_threshold_ceiling(context.settings)
     threshold = ceiling
     if options is not None and options.threshold is not None:
         if options.threshold > ceiling:

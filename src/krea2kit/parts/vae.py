@@ -36,25 +36,25 @@ class VAEPart:
         return self.module.dtype
 
 
-def load_qwen(options: None, context: LoadContext) -> VAEPart:
+def _load(loader: Any, context: LoadContext) -> VAEPart:
+    """Either model through ``loader(location, config=, dtype=, device=)``; both read the
+    recipe's tile threshold from ``tile_threshold``."""
     import torch
 
-    from krea2kit.models.vae_qwen import load_qwen_vae
-
-    module = load_qwen_vae(context.location, config=context.config or None, dtype=getattr(torch, context.dtype),
-                           device=context.device).eval()
+    module = loader(context.location, config=context.config or None, dtype=getattr(torch, context.dtype),
+                    device=context.device).eval()
     if context.vae_tile_threshold is not None:
         module.tile_threshold = int(context.vae_tile_threshold)
     return VAEPart(module, weights_fingerprint(context.location))
 
 
-def load_flux2(options: None, context: LoadContext) -> VAEPart:
-    import torch
+def load_qwen(options: None, context: LoadContext) -> VAEPart:
+    from krea2kit.models.vae_qwen import load_qwen_vae
 
+    return _load(load_qwen_vae, context)
+
+
+def load_flux2(options: None, context: LoadContext) -> VAEPart:
     from krea2kit.models.vae_flux2 import load_flux2_vae
 
-    module = load_flux2_vae(context.location, config=context.config or None, dtype=getattr(torch, context.dtype),
-                            device=context.device).eval()
-    if context.vae_tile_threshold is not None:
-        module.auto_tile_threshold_pixels = int(context.vae_tile_threshold)
-    return VAEPart(module, weights_fingerprint(context.location))
+    return _load(load_flux2_vae, context)

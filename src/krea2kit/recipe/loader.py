@@ -35,6 +35,8 @@ class LoadedRecipe:
     from_image: bool = False
     dropped: list[str] = field(default_factory=list)
     image_loras: list[dict[str, Any]] = field(default_factory=list)
+    # ... and the init picture and mask it was made from: {"image": {"file", "sha256"}, "mask": {...}}
+    image_init: dict[str, Any] = field(default_factory=dict)
 
     def file_of(self, key: str) -> str:
         from krea2kit.validation import file_for
@@ -60,18 +62,43 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load_file(path: Path, chain: tuple[Path, ...], provenance: dict[str, str]) -> dict[str, Any]:
+# ``extends`` may name a parent more than once and parents may share grandparents, so a few
+# short lists nested a few levels deep would re-read the same files exponentially often (a
+# list of 8 repeated 6 levels deep is 8**6 reads). Real recipes read a handful of files; one
+# load reads at most this many (counting repeats) and chains at most this deep.
+MAX_EXTENDS_FILES = 64
+MAX_EXTENDS_DEPTH = 16
+
+
+@dataclass
+class _LoadState:
+    """What one recipe load has read so far, shared by every ``extends`` it follows."""
+
+    provenance: dict[str, str]
+    files_read: int = 0
+
+
+def _load_file(path: Path, chain: tuple[Path, ...], state: _LoadState) -> dict[str, Any]:
     shown = str(path)
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise RecipeError(f"'extends' forms a cycle: {cycle}", file=str(chain[-1]), key="extends")
     # A parent is named in the message; the top file is already named in front of it.
     where = {"file": str(chain[-1]), "key": "extends"} if chain else {"file": shown}
+    if len(chain) > MAX_EXTENDS_DEPTH:
+        raise RecipeError(f"'extends' chains more than {MAX_EXTENDS_DEPTH} files deep (at {shown})", **where,
+                          hint="a recipe needs a few levels of parents; flatten the chain")
+    state.files_read += 1
+    if state.files_read > MAX_EXTENDS_FILES:
+        raise RecipeError(f"'extends' reads more than {MAX_EXTENDS_FILES} files in all (at {shown}); "
+                          "parents named repeatedly are read again each time", **where,
+                          hint="name each parent once; a parent shared by several files is merged once per mention")
     it = shown if chain else "it"
     try:
         text = read_text_file(path)
     except FileNotFoundError:
-        raise RecipeError(f"recipe file not found: {shown}", **where) from None
+        # a parent is named after the message; the top file is already named in front of it
+        raise RecipeError(f"recipe file not found: {shown}" if chain else "recipe file not found", **where) from None
     except NotARegularFile as exc:
         raise RecipeError(f"{it} is {exc.kind}, not a recipe file", **where,
                           hint="recipes and 'extends' name ordinary .toml files") from None
@@ -84,11 +111,11 @@ def _load_file(path: Path, chain: tuple[Path, ...], provenance: dict[str, str]) 
     except OSError as exc:
         raise RecipeError(f"cannot read recipe: {exc.strerror or exc}", file=shown) from None
     data = parse_toml(text, shown)
-    return _with_parents(data, path.parent, (*chain, path), shown, provenance)
+    return _with_parents(data, path.parent, (*chain, path), shown, state)
 
 
 def _with_parents(data: dict[str, Any], base_dir: Path, chain: tuple[Path, ...], shown: str,
-                  provenance: dict[str, str]) -> dict[str, Any]:
+                  state: _LoadState) -> dict[str, Any]:
     parents = data.pop("extends", None)
     if parents is None:
         parents = []
@@ -98,8 +125,8 @@ def _with_parents(data: dict[str, Any], base_dir: Path, chain: tuple[Path, ...],
         raise RecipeError("expected a file name or a list of file names", file=shown, key="extends")
     merged: dict[str, Any] = {}
     for parent in parents:
-        merged = deep_merge(merged, _load_file((base_dir / parent).resolve(), chain, provenance))
-    _record(data, shown, provenance)
+        merged = deep_merge(merged, _load_file((base_dir / parent).resolve(), chain, state))
+    _record(data, shown, state.provenance)
     return deep_merge(merged, data)
 
 
@@ -109,14 +136,14 @@ def load_recipe_source(source: str, *, stdin_text: str | None = None) -> LoadedR
     if source == "-":
         text = stdin_text if stdin_text is not None else read_stdin_text("the recipe")
         data = parse_toml(text, STDIN_NAME)
-        data = _with_parents(data, Path.cwd(), (), STDIN_NAME, provenance)
+        data = _with_parents(data, Path.cwd(), (), STDIN_NAME, _LoadState(provenance))
         return LoadedRecipe(data, provenance, STDIN_NAME, "stdin")
     path = Path(source).expanduser()
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return load_recipe_from_image(path)
     if path.is_dir():
         raise RecipeError("expected a recipe file, got a folder", file=str(path))
-    data = _load_file(path.resolve(), (), provenance)
+    data = _load_file(path.resolve(), (), _LoadState(provenance))
     # Name files as the user wrote them, not resolved absolute paths.
     resolved = str(path.resolve())
     provenance = {k: (str(path) if v == resolved else v) for k, v in provenance.items()}
@@ -155,10 +182,11 @@ def load_recipe_from_image(path: Path) -> LoadedRecipe:
     data, dropped = untrusted_recipe(recipe)
     loras = record.get("loras")
     image_loras = [x for x in loras if isinstance(x, dict)] if isinstance(loras, list) else []
+    image_init = record.get("init") if isinstance(record.get("init"), dict) else {}
     provenance: dict[str, str] = {}
     _record(data, shown, provenance)
     return LoadedRecipe(data, provenance, shown, path.stem, from_image=True, dropped=dropped,
-                        image_loras=image_loras)
+                        image_loras=image_loras, image_init=image_init)
 
 
 def _json_kind(value: Any) -> str:
@@ -217,15 +245,46 @@ def image_lora_mismatches(loaded: LoadedRecipe) -> list[str]:
     return notes
 
 
+def image_init_mismatches(loaded: LoadedRecipe) -> list[str]:
+    """For a recipe from an image: the init picture or mask the user gave whose sha256
+    differs from the one the image records (the picture will then differ), as messages."""
+    from krea2kit.recipe.init_image import file_sha256
+
+    init = loaded.data.get("init")
+    if not loaded.from_image or not isinstance(init, dict):
+        return []
+    notes = []
+    for key in ("image", "mask"):
+        known = loaded.image_init.get(key)
+        if not isinstance(known, dict) or not known.get("sha256") or not isinstance(init.get(key), str):
+            continue
+        if not Path(init[key]).expanduser().is_file():  # never hash a FIFO; planning names the problem
+            continue
+        try:
+            given = file_sha256(init[key])
+        except OSError:
+            continue  # a missing file is reported when the recipe is planned
+        if given != known["sha256"]:
+            notes.append(f"init.{key}: the file given is not the one the image was made with "
+                         f"(sha256 {given[:12]}…, the image records {known['sha256'][:12]}…); the result will differ")
+    return notes
+
+
 # --------------------------------------------------------------------------- stdin
-def read_stdin_text(what: str) -> str:
-    """All of stdin as UTF-8 text (a byte-order mark is ignored); anything else is a usage
-    error, exit 2, instead of a decoding traceback."""
+def read_stdin_text(what: str, *, limit: int = MAX_RECIPE_BYTES) -> str:
+    """All of stdin as UTF-8 text (a byte-order mark is ignored), at most ``limit`` bytes;
+    anything else is a usage error, exit 2, instead of a decoding traceback or reading an
+    endless stream (``< /dev/zero``) into memory: at most ``limit + 1`` bytes are read."""
     stream = getattr(sys.stdin, "buffer", None)
     if stream is None:  # replaced by a text stream (tests, embedding applications)
-        text = sys.stdin.read()
+        text = sys.stdin.read(limit + 1)  # characters: at least as many bytes, so over the limit is still seen
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            _stdin_too_large(what, limit)
     else:
-        raw = stream.read()
+        raw = _read_at_most(stream, limit + 1)
+        if len(raw) > limit:
+            _stdin_too_large(what, limit)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -234,6 +293,23 @@ def read_stdin_text(what: str) -> str:
                 file=STDIN_NAME, hint="convert it first, e.g. iconv -f LATIN1 -t UTF-8",
             ) from None
     return text[1:] if text.startswith("\ufeff") else text
+
+
+def _read_at_most(stream: Any, size: int) -> bytes:
+    """Up to ``size`` bytes; a pipe hands data over in pieces, so read until EOF or ``size``."""
+    chunks, total = [], 0
+    while total < size:
+        chunk = stream.read(size - total)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _stdin_too_large(what: str, limit: int) -> None:
+    raise UsageError(f"stdin holds more than {limit} bytes; expected {what}", file=STDIN_NAME,
+                     hint="recipes and prompt lists are small text; check what is piped in")
 
 
 PROMPT_RECORD_KEYS = ("prompt", "text", "negative", "seed", "count", "width", "height", "name")

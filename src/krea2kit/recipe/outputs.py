@@ -61,7 +61,8 @@ def output_dir(plan: Plan) -> Path:
 
 def _check_folder(folder: Path, key: str, file: str) -> Path:
     """``folder`` exists as a folder we can write into, or can be created; returns the nearest
-    existing folder. Nothing is created here (``recipe check`` and ``--dry-run`` write nothing)."""
+    existing folder. Nothing is left behind (``recipe check`` and ``--dry-run`` write nothing;
+    only root's probe, :func:`_refuses_root`, makes an empty folder and removes it at once)."""
     from krea2kit.errors import RecipeError
 
     target = folder.absolute()
@@ -79,7 +80,27 @@ def _check_folder(folder: Path, key: str, file: str) -> Path:
         what = "exists but is not writable" if probe == target else f"cannot be created: {probe} is not writable"
         raise RecipeError(f"the output folder {folder} {what} (permission denied)", file=file, key=key,
                           hint="choose an output.dir you can write to")
+    refusal = _refuses_root(probe)
+    if refusal:
+        what = f"is not writable ({refusal})" if probe == target else f"cannot be created in {probe} ({refusal})"
+        raise RecipeError(f"the output folder {folder} {what}", file=file, key=key,
+                          hint="choose an output.dir you can write to")
     return probe
+
+
+def _refuses_root(folder: Path) -> str | None:
+    """For root, access() says yes to nearly every folder, /proc and /sys included, where
+    nothing can be created. So root tries: an empty, uniquely named folder is made in
+    ``folder`` and removed at once. The reason (strerror) when that fails, else None."""
+    import tempfile
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".krea2kit-check-", dir=folder))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _check_lengths(directory: Path, existing: Path, names: set[str], extension: str, *, overwrite: bool,
@@ -145,8 +166,12 @@ def _check_jpeg_metadata(plan: Plan) -> None:
 
 
 def name_fields(plan: Plan, job: Job) -> dict[str, Any]:
-    return {"index": job.index, "seed": job.seed, "prompt": job.prompt, "recipe": plan.name,
-            "model": plan.model.name, "date": datetime.now(timezone.utc).date().isoformat()}
+    """Values of the file-name fields for one image; ``{name}`` is the prompt entry's ``name``,
+    or its prompt slug when it has none."""
+    from krea2kit.output.writers import slugify
+
+    return {"index": job.index, "seed": job.seed, "prompt": job.prompt, "name": job.label or slugify(job.prompt),
+            "recipe": plan.name, "model": plan.model.name, "date": datetime.now(timezone.utc).date().isoformat()}
 
 
 def image_recipe(plan: Plan, job: Job) -> dict[str, Any]:

@@ -49,19 +49,27 @@ class Plan:
     mu: float | None  # None: resolution-aware
     weights: dict[str, str | None]  # role -> location the recipe asked for (None: let the loader find it)
     jobs: list[Job]
-    slider_parts: list[tuple[Any, Descriptor, Any]] = field(default_factory=list)  # (entry, kind, options)
+    # (entry, kind, slider): each [[sliders]] entry built (no weights) as a contracts.Slider
+    slider_parts: list[tuple[Any, Descriptor, Any]] = field(default_factory=list)
     filters: list[tuple[Descriptor, Any]] = field(default_factory=list)
     plugin_options: dict[str, Any] = field(default_factory=dict)
     plugin_versions: dict[str, str] = field(default_factory=dict)  # filled at run time, for metadata
     lora_formats: list[Descriptor] = field(default_factory=list)  # registered LoRA readers
+    # [[loras]] paths given as {env = "VAR"}: the reference, by entry index. The entry itself
+    # holds the resolved path (the loader reads it); what is shown or recorded is the reference.
+    lora_env_refs: dict[int, EnvRef] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.loaded.name
 
     def resolved(self) -> dict[str, Any]:
-        """The fully resolved recipe as plain data (what `recipe show` prints)."""
-        return self.recipe.model_dump(mode="json", by_alias=True, exclude={"extends"})
+        """The fully resolved recipe as plain data (what `recipe show` prints and images
+        record). A path from the environment stays ``{env = "VAR"}``: its value is not shown."""
+        data = self.recipe.model_dump(mode="json", by_alias=True, exclude={"extends"})
+        for i, ref in self.lora_env_refs.items():
+            data["loras"][i]["path"] = ref.model_dump(mode="json")
+        return data
 
 
 def _env(ref: Any, key: str, loaded: LoadedRecipe) -> str | None:
@@ -91,21 +99,24 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
     if prompts:
         _replace_prompts(loaded, prompts)
     _refuse_filter_switches(loaded)
+    _check_image_init(loaded)
     recipe: Recipe = validate_model(Recipe, loaded.data, file=loaded.path, provenance=loaded.provenance)
     model, parts = _model_parts(recipe, loaded, registry, settings)
     parts["sampler"], sampler_options, guidance, mu = _sampler(recipe, loaded, registry, model)
     jobs = _jobs(recipe, loaded, model)
     weights = {role: _env(getattr(recipe.model.weights, role), f"model.weights.{role}", loaded) for role in ROLES}
-    _resolve_lora_paths(recipe, loaded)
+    lora_env_refs = _resolve_lora_paths(recipe, loaded)
     f = loaded.file_of
     parts["writer"] = registry.get("writer", recipe.output.format, key="output.format", file=f("output.format"))
     plan = Plan(recipe=recipe, loaded=loaded, model=model, parts=parts, sampler_options=sampler_options,
                 steps=recipe.sampler.steps, guidance=guidance, mu=mu, weights=weights, jobs=jobs,
-                lora_formats=registry.all("lora_format"))
+                lora_formats=registry.all("lora_format"), lora_env_refs=lora_env_refs)
     _check_file_names(plan)
-    plan.slider_parts = _sliders(recipe, loaded, registry)
-    plan.filters = _filters(recipe, loaded, registry)
+    _check_init_files(plan)
     plan.plugin_options = _plugin_tables(recipe, loaded, registry)
+    plan.slider_parts = _sliders(recipe, loaded, registry, plan.plugin_options)
+    plan.filters = _filters(recipe, loaded, registry, settings)
+    _check_lora_files(plan)  # last: a recipe error (exit 2) is reported before a missing file (exit 4)
     return plan
 
 
@@ -146,11 +157,14 @@ def _model_parts(recipe: Recipe, loaded: LoadedRecipe, registry: Registry,
         parts[role] = registry.get(role, name, key=f"model.{role}", file=f(f"model.{role}"))
         setattr(recipe.model, role, name)
     recipe.model.layout = recipe.model.layout or model.layout
-    contract = getattr(parts["vae"], "contract", None)
-    if contract is not None and (contract.channels != model.latent_channels or contract.factor != model.latent_factor):
+    # Only the channel count must fit the transformer: the VAE's factor sets how many pixels a
+    # latent cell covers, and image sizes follow it (factor x the transformer's patch size).
+    # The loaded transformer's in_channels is checked again at run time (check_latents_fit).
+    contract = parts["vae"].contract  # a VAEDescriptor's declared LatentContract, or None
+    if contract is not None and contract.channels != model.latent_channels:
         raise RecipeError(
             f"VAE {parts['vae'].name!r} produces {contract.describe()}, but the transformer of "
-            f"{model.name!r} takes {model.latent_channels} channels at 1/{model.latent_factor} scale",
+            f"{model.name!r} takes {model.latent_channels} latent channels",
             file=f("model.vae"), key="model.vae",
             hint="choose a VAE whose latent space matches the model (see `krea2kit plugins`)",
         )
@@ -245,13 +259,76 @@ def _check_seed_range(recipe: Recipe, loaded: LoadedRecipe, entry: Any, pi: int,
     )
 
 
-def _resolve_lora_paths(recipe: Recipe, loaded: LoadedRecipe) -> None:
-    """Env indirection resolved now (files are checked by the loaders); default names."""
+def _resolve_lora_paths(recipe: Recipe, loaded: LoadedRecipe) -> dict[int, EnvRef]:
+    """Env indirection resolved now (files are checked by :func:`_check_lora_files`); default
+    names. Returns the ``{env = ...}`` references by entry index, for :meth:`Plan.resolved`."""
     from pathlib import Path
 
+    refs: dict[int, EnvRef] = {}
     for i, lora in enumerate(recipe.loras):
+        if isinstance(lora.path, EnvRef):
+            refs[i] = lora.path
         lora.path = _env(lora.path, f"loras[{i}].path", loaded)  # type: ignore[assignment]
         lora.name = lora.name or Path(lora.path).stem  # type: ignore[arg-type]
+    return refs
+
+
+def _check_lora_files(plan: Plan) -> None:
+    """Each [[loras]] file exists and is a readable safetensors file (its header, not its
+    tensors), so a wrong path stops the run here, not after the models loaded. WeightsError,
+    exit 4, naming the file and ``loras[N].path``."""
+    import stat
+    from pathlib import Path
+
+    from krea2kit.errors import WeightsError
+    from krea2kit.models.weights import open_checkpoint
+
+    for i, lora in enumerate(plan.recipe.loras):
+        key = f"loras[{i}].path"
+        path = Path(str(lora.path)).expanduser()
+        ref = plan.lora_env_refs.get(i)
+        fix = (f"set ${ref.env} to a LoRA .safetensors file" if ref is not None
+               else "give the path of a LoRA .safetensors file (relative paths start in the current folder)")
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise WeightsError("LoRA file not found", file=str(path), key=key, hint=fix) from None
+        except OSError as exc:
+            raise WeightsError(f"cannot read the LoRA file: {exc.strerror or exc}", file=str(path), key=key) from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO or device would block or never end
+            raise WeightsError("not a regular file, so not a LoRA file", file=str(path), key=key, hint=fix)
+        try:
+            open_checkpoint(path, what="LoRA")  # headers only: checked, not parsed into tensors
+        except WeightsError as exc:
+            raise WeightsError(exc.message, file=exc.file or str(path), key=key, hint=exc.hint or fix) from None
+
+
+def _check_image_init(loaded: LoadedRecipe) -> None:
+    """A recipe from an image made from an init picture (or mask) needs the local user to
+    give that file (``--set init.image=PATH``): an image never chooses a local path."""
+    init = loaded.data.get("init")
+    if not loaded.from_image or not isinstance(init, dict):
+        return
+    for key, what in (("image", "init image"), ("mask", "inpainting mask")):
+        known = loaded.image_init.get(key) if isinstance(loaded.image_init.get(key), dict) else {}
+        if key in init or (key == "mask" and not known):
+            continue
+        recorded = ""
+        if known.get("file"):
+            recorded = f" (the image records file {known['file']!r}"
+            recorded += f", sha256 {known['sha256']})" if known.get("sha256") else ")"
+        raise RecipeError(
+            f"the image was made from an {what}{recorded}; an image never chooses a local file",
+            file=loaded.path, key=f"init.{key}",
+            hint=f"give it: --set init.{key}=/path/to/{known.get('file') or 'picture.png'}",
+        )
+
+
+def _check_init_files(plan: Plan) -> None:
+    """The [init] image and mask exist and are pictures Pillow can read, within the size cap."""
+    from krea2kit.recipe.init_image import check_init
+
+    check_init(plan.recipe.init, plan.loaded.file_of)
 
 
 def _check_file_names(plan: Plan) -> None:
@@ -261,16 +338,18 @@ def _check_file_names(plan: Plan) -> None:
     check_outputs(plan)
 
 
-def _sliders(recipe: Recipe, loaded: LoadedRecipe, registry: Registry) -> list[tuple[Any, Descriptor, Any]]:
-    """Slider kinds from the registry, their options validated, LoRA bindings checked by name."""
+def _sliders(recipe: Recipe, loaded: LoadedRecipe, registry: Registry,
+             plugin_options: dict[str, Any]) -> list[tuple[Any, Descriptor, Any]]:
+    """Each ``[[sliders]]`` entry built by its kind (a slider holds no weights) and asked,
+    through :class:`krea2kit.contracts.Slider`, which LoRAs it drives and its value range."""
     where = loaded.file_of("sliders")
     lora_names = [lora.name for lora in recipe.loras]
     out = []
     for i, slider in enumerate(recipe.sliders):
         kind = registry.get("slider", slider.kind, key=f"sliders[{i}].kind", file=where)
         options = kind.validate_options(dict(slider.model_extra or {}), where=f"sliders[{i}]", file=where)
-        bound_loras = getattr(options, "bound_loras", None)
-        for bound in (bound_loras() if bound_loras else []):
+        part = _build_slider(kind, options, slider.name, plugin_options.get(kind.plugin), where, i)
+        for bound in part.loras:
             if bound not in lora_names:
                 raise RecipeError(
                     f"slider {slider.name!r} is bound to LoRA {bound!r}, which is not in [[loras]]"
@@ -278,17 +357,43 @@ def _sliders(recipe: Recipe, loaded: LoadedRecipe, registry: Registry) -> list[t
                     file=where, key=f"sliders[{i}].loras",
                     hint=f"[[loras]] names: {', '.join(lora_names) or 'none'}",
                 )
-        lo, hi = getattr(options, "range", (float("-inf"), float("inf")))
+        lo, hi = part.range
         if not lo <= slider.value <= hi:
             raise RecipeError(f"slider value {slider.value:g} is outside its range [{lo:g}, {hi:g}]",
                               file=where, key=f"sliders[{i}].value")
-        out.append((slider, kind, options))
+        out.append((slider, kind, part))
     return out
 
 
-def _filters(recipe: Recipe, loaded: LoadedRecipe, registry: Registry) -> list[tuple[Descriptor, Any]]:
+def _build_slider(kind: Descriptor, options: Any, name: str, plugin_options: Any, where: str | None, i: int) -> Any:
+    """``kind``'s ``load(options, context)`` for one entry; a slider that cannot be built is
+    a recipe error at ``sliders[i]`` (or a plugin error when the kind itself misbehaves)."""
+    from krea2kit.contracts import LoadContext, Slider, missing_members
+    from krea2kit.errors import Krea2kitError, PluginError, UsageError
+
+    who = f"slider kind {kind.name!r} from plugin {kind.plugin or '?'!r}"
+    try:
+        part = kind.load_part(options, LoadContext(role="slider", name=name, plugin_options=plugin_options))
+    except UsageError as exc:  # the entry's own values (e.g. a default outside the range)
+        raise RecipeError(exc.message, file=where, key=f"sliders[{i}]", hint=exc.hint) from None
+    except Krea2kitError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{who} could not build slider {name!r}: {type(exc).__name__}: {exc}",
+                          file=where, key=f"sliders[{i}]") from None
+    missing = missing_members(part, Slider)
+    if missing:
+        raise PluginError(f"{who}: the slider it built lacks {', '.join(missing)} (contracts.Slider)",
+                          hint="check it with `krea2kit plugins --check`")
+    return part
+
+
+def _filters(recipe: Recipe, loaded: LoadedRecipe, registry: Registry,
+             settings: Settings) -> list[tuple[Descriptor, Any]]:
     """Every registered filter runs (installing a filter plugin enables it); a recipe can
-    require some to be present, so it fails here rather than run without them."""
+    require some to be present, so it fails here rather than run without them. Options are
+    validated with the deployer's settings in the context, so a recipe that tries to loosen
+    a filter is refused here, before anything loads."""
     f = loaded.file_of
     for i, name in enumerate(recipe.safety.filters):
         registry.get("filter", name, key=f"safety.filters[{i}]", file=f("safety.filters"))
@@ -299,7 +404,8 @@ def _filters(recipe: Recipe, loaded: LoadedRecipe, registry: Registry) -> list[t
             raise RecipeError(f"no filter named {name!r}" + did_you_mean(name, known),
                               file=f("safety.settings"), key=f"safety.settings.{name}")
     return [(d, d.validate_options(dict(recipe.safety.settings.get(d.name, {})),
-                                   where=f"safety.settings.{d.name}", file=f("safety.settings")))
+                                   where=f"safety.settings.{d.name}", file=f("safety.settings"),
+                                   context={"settings": settings}))
             for d in registered]
 
 

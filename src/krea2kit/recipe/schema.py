@@ -68,6 +68,16 @@ class ModelSection(Strict):
                           "Default: the preset's (official for Krea 2, compact for the nano models)")
     vae_tile_threshold: Annotated[int, Field(ge=64 * 64)] | None = Field(
         None, description="Decode in overlapping tiles above this many pixels (default: the VAE's own, bounded memory)")
+    weights_dtype: Literal["auto", "fp8", "int8"] = Field(
+        "auto", description="Transformer weight storage: 'auto' keeps the file's (bf16 files load at model.dtype, "
+                            "quantized files stay quantized); 'fp8' / 'int8' quantize a full-precision file while "
+                            "loading it (embedders, time/text MLPs, text projector, last layer, norms and "
+                            "modulations stay full precision). The text encoder is not affected")
+    offload: Literal["none", "text-encoder", "blocks"] | None = Field(
+        None, description="'text-encoder': free the text encoder once the prompts are encoded; 'blocks': that, and "
+                          "keep the transformer blocks in host memory, streaming each to the device while the one "
+                          "before computes (two blocks on the device; same images, slower); 'none': keep everything "
+                          "loaded (faster repeated runs in one process). Default: the preset's (Krea 2: text-encoder)")
 
     @field_validator("device")
     @classmethod
@@ -109,7 +119,7 @@ class PromptEntry(Strict):
     count: Annotated[int, Field(ge=1, le=10000)] | None = None
     width: Size | None = None
     height: Size | None = None
-    name: str | None = Field(None, description="A label used in output file names ({name})")
+    name: str | None = Field(None, description="A label for output file names: the {name} field (default: the prompt slug)")
 
 
 class LoraEntry(Strict):
@@ -157,6 +167,21 @@ class OutputSection(Strict):
     overwrite: bool = Field(False, description="Replace existing files instead of adding -2, -3, ...")
 
 
+class InitSection(Strict):
+    """Image-to-image: start from a picture instead of pure noise; with a mask, inpainting."""
+
+    image: str = Field(min_length=1, description="The starting picture (PNG, JPEG, WebP...); resized to cover the "
+                                                 "image size and center-cropped (relative paths start in the "
+                                                 "current folder)")
+    strength: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.75, description="How much to change it: 1.0 starts from pure noise (text-to-image), 0.0 returns the "
+                          "picture (through the VAE)")
+    mask: str | None = Field(None, description="Inpainting mask, same framing as the image: white = repaint, "
+                                               "black = keep, grey = in between")
+    mask_blur: Annotated[float, Field(ge=0.0, le=256.0)] = Field(
+        0.0, description="Feather the mask edge by this many pixels (a Gaussian blur radius)")
+
+
 class Recipe(Strict):
     """A whole generation run."""
 
@@ -173,6 +198,7 @@ class Recipe(Strict):
     model: ModelSection = Field(default_factory=ModelSection)
     sampler: SamplerSection = Field(default_factory=SamplerSection)
     loras: list[LoraEntry] = Field(default_factory=list)
+    init: InitSection | None = Field(None, description="Image-to-image / inpainting: [init] image, strength, mask")
     sliders: list[SliderEntry] = Field(default_factory=list)
     safety: SafetySection = Field(default_factory=SafetySection)
     output: OutputSection = Field(default_factory=OutputSection)

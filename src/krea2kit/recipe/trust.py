@@ -3,7 +3,8 @@
 An image is a file from anyone. ``krea2kit run IMAGE.png`` takes from it what describes the
 *picture*: prompts, negative, seeds, count, sizes, the model preset and part names, dtype and
 token layout, sampler settings, sliders, LoRAs by name/strength/step range (their files by
-name and hash, never a path), the filters it requires and the image format. Everything
+name and hash, never a path), the ``[init]`` strength and mask feathering (its picture and
+mask likewise by name and hash only), the filters it requires and the image format. Everything
 that names a place on this machine or loosens a local decision comes from the local user
 (the defaults, ``--set``, the user config): the output folder, file name and overwrite rule,
 weight and LoRA paths, environment references, the device, per-filter safety settings,
@@ -28,9 +29,11 @@ IMAGE_MAY_SET: dict[str, Any] = {
     "schema": True, "description": True,
     "prompt": True, "negative": True, "seed": True, "count": True, "width": True, "height": True,
     "prompts": [_PROMPT_KEYS],
-    "model": {"preset", "dit", "text_encoder", "vae", "dtype", "layout", "vae_tile_threshold"},
+    "model": {"preset", "dit", "text_encoder", "vae", "dtype", "layout", "vae_tile_threshold", "weights_dtype",
+              "offload"},
     "sampler": True,  # common settings and the sampler's own options, checked by its schema
     "loras": [_LORA_KEYS],
+    "init": {"strength", "mask_blur"},  # never "image" or "mask": the user gives those files
     "sliders": True,  # bound to [[loras]] by name only
     "safety": {"filters"},  # requiring a filter can only make a run stricter
     "output": {"format", "quality"},
@@ -120,6 +123,8 @@ def portable_recipe(data: dict[str, Any], *, local_paths: bool = False) -> dict[
     if isinstance(out.get("loras"), list):
         out["loras"] = [{**lora, "path": file_name(lora.get("path"))} if isinstance(lora, dict) else lora
                         for lora in out["loras"]]
+    if isinstance(out.get("init"), dict):
+        out["init"] = {k: (file_name(v) if k in ("image", "mask") else v) for k, v in out["init"].items()}
     return out
 
 

@@ -88,7 +88,7 @@ class FilterSet:
             bad = [decisions[t] for t in (job.prompt, job.negative) if decisions[t].blocked]
             if bad:
                 blocked[job.index] = bad[0]
-                self.events("warning", message=f"image {job.index}: prompt {bad[0].summary()}")
+                self.events("warning", message=f"image {job.index + 1}: {bad[0].summary()}")
         return blocked
 
     def check_image(self, job: Job, image: Any):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from krea2kit.contracts import LoadContext
 from krea2kit.recipe.plan import Plan
 
 
@@ -28,9 +27,7 @@ def lora_strengths(plan: Plan) -> dict[str, Any]:
 
     sliders = []
     bound: set[str] = set()
-    for entry, kind, options in plan.slider_parts:
-        slider = kind.load_part(options, LoadContext(role="slider", name=entry.name,
-                                                            plugin_options=plan.plugin_options.get(kind.plugin)))
+    for entry, _kind, slider in plan.slider_parts:  # built by the plan
         sliders.append((slider, entry.value))
         bound.update(slider.loras)
     base = {}

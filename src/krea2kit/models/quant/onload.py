@@ -91,7 +91,7 @@ def load_dit_quantizing(path: str | os.PathLike, weights_dtype: str, *, config=N
     Linears quantized to ``weights_dtype`` ("fp8" or "int8") while streaming."""
     from krea2kit.models.dit import build_meta
     from krea2kit.models.dit_loader import detect_layout, diffusers_to_native, dit_config_from_checkpoint
-    from krea2kit.models.weights import open_checkpoint, summarize_names
+    from krea2kit.models.weights import mismatch_message, open_checkpoint, set_tensor
     from krea2kit.models.quant.comfy import ComfyCodec, require_comfy_kitchen
     from krea2kit.models.quant.detect import detect_quantization
 
@@ -138,17 +138,7 @@ def load_dit_quantizing(path: str | os.PathLike, weights_dtype: str, *, config=N
     covered = set(plan.values()) | {f"{n}.weight_scale" for n in quant}
     missing = [mk for mk in expected if mk not in covered]
     if missing or unexpected:
-        raise WeightsError("the transformer weights do not match the model: "
-                           f"{len(missing)} missing ({summarize_names(missing)}), "
-                           f"{len(unexpected)} unexpected ({summarize_names(unexpected)})", file=str(p))
-
-    def put(name: str, tensor: torch.Tensor) -> None:
-        owner_name, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-        else:
-            owner._buffers[leaf] = tensor
+        raise WeightsError(mismatch_message("transformer weights", missing, unexpected), file=str(p))
 
     for k, tensor in stream_tensors(ckpt, plan):
         mk = plan[k]
@@ -159,7 +149,7 @@ def load_dit_quantizing(path: str | os.PathLike, weights_dtype: str, *, config=N
                 raise WeightsError(f"shape mismatch for {k}: {tuple(tensor.shape)}, the model expects "
                                    f"{(qmod.out_features, qmod.in_features)}", file=str(p), key=k)
             for buf, t in _quantize(qmod.codec, tensor).items():
-                put(f"{module}.{buf}", t.to(device))
+                set_tensor(model, f"{module}.{buf}", t.to(device))
             del tensor
             _give_back_freed_memory()
             continue
@@ -173,7 +163,7 @@ def load_dit_quantizing(path: str | os.PathLike, weights_dtype: str, *, config=N
                 tensor = tensor.to(compute)
             elif dtype is not None:
                 tensor = tensor.to(torch.float32 if keep_norms_fp32 and leaf == "scale" else dtype)
-        put(mk, tensor.to(device=device, copy=True))  # never a view of the read buffer
+        set_tensor(model, mk, tensor.to(device=device, copy=True))  # never a view of the read buffer
     model.eval().requires_grad_(False)
     model.storage_layout = "+".join(sorted({q.storage_layout for q in quant.values()})) + " (quantized on load)"
     return model
