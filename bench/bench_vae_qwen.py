@@ -3,6 +3,8 @@
     python bench/bench_vae_qwen.py                   # ~7 min on 2 busy cores
     python bench/bench_vae_qwen.py --sizes 512 1024  # also diffusers at 1024^2 (~6 more minutes)
     python bench/bench_vae_qwen.py --real-tiled      # also a real tiled 2048^2 decode (~15 min on CPU)
+    python bench/bench_vae_qwen.py --exact           # only: fold vs exact (layout "official") vs diffusers,
+                                                     # 256^2 in fp32 and bf16 (~3 min on 2 busy cores)
 
 Default: 512^2 ours vs diffusers; ours untiled 1024^2 and tiled 768^2 (same per-tile
 peak as a tiled 2048^2); the activation-memory model for every size.
@@ -119,10 +121,13 @@ def _worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     h = w = args.size // 8
     z = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(123))
-    if args.variant == "ours":
+    dtype = getattr(torch, args.dtype)
+    z = z.to(dtype)
+    if args.variant in ("ours", "exact"):
         from krea2kit.models.vae_qwen import load_qwen_vae
 
-        vae = load_qwen_vae(args.weights)
+        vae = load_qwen_vae(args.weights, dtype=dtype)
+        vae.exact_decode = args.variant == "exact"
         tile = None if args.tile == "none" else int(args.tile) if args.tile.isdigit() else args.tile
 
         def run(lat):
@@ -134,7 +139,7 @@ def _worker(args: argparse.Namespace) -> None:
         with torch.device("meta"):
             ref = AutoencoderKLQwenImage()
         ref.load_state_dict(load_file(args.weights), assign=True)
-        ref.eval()
+        ref.eval().to(dtype)
 
         def run(lat):
             with torch.no_grad():
@@ -153,9 +158,10 @@ def _worker(args: argparse.Namespace) -> None:
                       "rss_before_mib": rss_before / 1024, "peak_mib": peak / 1024, "peak_reset": reset}))
 
 
-def _spawn(variant: str, size: int, weights: Path, out: Path | None, threads: int, tile: str = "none") -> dict:
+def _spawn(variant: str, size: int, weights: Path, out: Path | None, threads: int, tile: str = "none",
+           dtype: str = "float32") -> dict:
     cmd = [sys.executable, str(HERE), "--worker", "--variant", variant, "--size", str(size), "--weights",
-           str(weights), "--threads", str(threads), "--tile", tile]
+           str(weights), "--threads", str(threads), "--tile", tile, "--dtype", dtype]
     if out is not None:
         cmd += ["--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -195,12 +201,14 @@ def _activation_table() -> list[tuple[str, float]]:
         ref = AutoencoderKLQwenImage()
     rows = []
     cases = [("ours", 512, None), ("diffusers", 512, None), ("ours", 1024, None), ("diffusers", 1024, None),
-             ("ours", 2048, None), ("diffusers", 2048, None), ("ours", 768, 512), ("ours", 2048, "auto")]
+             ("ours", 2048, None), ("diffusers", 2048, None), ("ours", 768, 512), ("ours", 2048, "auto"),
+             ("exact", 1024, None)]
     for variant, size, tile in cases:
         z = torch.zeros(1, 16, size // 8, size // 8, device="meta")
         tr = LiveStorageTracker()
+        ours.exact_decode = variant == "exact"  # layout "official": diffusers' 3D arithmetic
         with tr, torch.no_grad():
-            if variant == "ours":
+            if variant in ("ours", "exact"):
                 out = ours.decode_raw(z, tile=tile)
             else:
                 out = ref.decode(z[:, :, None]).sample
@@ -210,6 +218,30 @@ def _activation_table() -> list[tuple[str, float]]:
     return rows
 
 
+def _exact_bench(args: argparse.Namespace) -> None:
+    """The price of layout "official"'s exact decode (diffusers' 3D arithmetic) over the fold."""
+    size = args.exact_size
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU; full Qwen-Image VAE config, random weights, {size}^2")
+    print(f"  {'case':24s} {'wall s':>8s} {'CPU s':>8s}  vs diffusers")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        weights = tmp / "qwen_vae_random.safetensors"
+        _make_weights(weights)
+        for dtype in ("float32", "bfloat16"):
+            runs = {v: _spawn(v, size, weights, tmp / f"{v}_{dtype}.pt", args.threads, dtype=dtype)
+                    for v in ("ours", "exact", "diffusers")}
+            ref = torch.load(tmp / f"diffusers_{dtype}.pt").float()
+            for v, r in runs.items():
+                out = torch.load(tmp / f"{v}_{dtype}.pt").float()
+                d = (out - ref).abs().max().item()
+                print(f"  {v + ' ' + dtype:24s} {r['seconds']:8.2f} {r['cpu_seconds']:8.2f}  "
+                      + ("bit-identical" if d == 0 else f"max abs diff {d:.2e}"), flush=True)
+            e, o, d = runs["exact"], runs["ours"], runs["diffusers"]
+            print(f"  -> {dtype}: exact costs {e['seconds'] / o['seconds']:.2f}x the fold's wall time, "
+                  f"{e['cpu_seconds'] / o['cpu_seconds']:.2f}x its CPU time (diffusers: "
+                  f"{d['cpu_seconds'] / e['cpu_seconds']:.2f}x the exact path's CPU time)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[512])
@@ -217,7 +249,11 @@ def main() -> None:
     ap.add_argument("--no-tiled-check", action="store_true", help="skip the real untiled-1024^2 / tiled-768^2 runs")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--variant", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    ap.add_argument("--exact", action="store_true",
+                    help="only compare the fold, the exact decode path (layout 'official') and diffusers")
+    ap.add_argument("--exact-size", type=int, default=256)
+    ap.add_argument("--variant", choices=["ours", "exact", "diffusers"], help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--weights", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -227,6 +263,9 @@ def main() -> None:
         _worker(args)
         return
 
+    if args.exact:
+        _exact_bench(args)
+        return
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, CPU; full Qwen-Image VAE config, random weights")
     print("\nActivation peak (meta-device live-storage count, no compute; excludes weights):")
     for label, gib in _activation_table():

@@ -361,12 +361,21 @@ def find_tokenizer(weights_path, tokenizer_path=None) -> Path:
 
 def load_text_encoder(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtype | None = None,
                       device: str | torch.device = "cpu", tokenizer_path=None,
-                      template: PromptTemplate = KREA2_TEMPLATE, official_rope: bool = True) -> Krea2TextEncoder:
-    """Load tokenizer + text tower (only the layers the taps need) from an HF folder/shards or a ComfyUI file."""
+                      template: PromptTemplate = KREA2_TEMPLATE, official_rope: bool = True,
+                      weights_dtype: str = "auto") -> Krea2TextEncoder:
+    """Load tokenizer + text tower (only the layers the taps need) from an HF folder/shards or a ComfyUI file.
+
+    ``weights_dtype="fp8" | "int8"`` quantizes a full-precision tower while loading it. The
+    identity (the prompt cache's key, the images' metadata) names a quantized storage, so
+    cached embeddings of the full-precision tower are never served to a quantized one.
+    """
     tok_file = find_tokenizer(path, tokenizer_path)
     tokenizer = QwenTokenizer.from_file(tok_file)
-    loaded = load_text_tower(path, taps=taps, dtype=dtype, device=device)
+    loaded = load_text_tower(path, taps=taps, dtype=dtype, device=device, weights_dtype=weights_dtype)
     identity = weights_identity(loaded.files, extra=[tok_file])
+    storage = getattr(loaded.tower, "storage_layout", None)  # a quantized file, or quantized on load
+    if storage:
+        identity = f"{identity} storage={storage}"
     return Krea2TextEncoder(loaded.tower, tokenizer, taps=taps, template=template, identity=identity,
                             official_rope=official_rope)
 

@@ -89,9 +89,10 @@ class LoadContext:
     vae_tile_threshold: the recipe's ``model.vae_tile_threshold``: decode in tiles above
         this many pixels (``None`` = the VAE's own default).
     weights_dtype: the recipe's ``model.weights_dtype`` when loading the transformer ("dit"),
-        "auto" for every other role: "auto" loads the weights as stored; "fp8" / "int8" ask
-        the transformer to quantize a full-precision file while loading it (a part without
-        a quantized path may refuse it with a ``WeightsError``).
+        its ``model.text_encoder_weights_dtype`` when loading the text encoder, "auto" for
+        every other role: "auto" loads the weights as stored; "fp8" / "int8" ask the part to
+        quantize a full-precision file while loading it (a part without a quantized path may
+        refuse it with a ``WeightsError``).
     offload: the recipe's ``model.offload`` when loading the transformer ("dit"), "none"
         for every other role (and when the recipe leaves it to the preset): "blocks" asks the
         transformer to keep its blocks in host memory and stream them to ``device`` one block

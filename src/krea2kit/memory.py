@@ -5,7 +5,9 @@ shapes; no tensor data is read), a GGUF file's size, or, when the weights are no
 machine (a dry run of a Krea 2 preset), the architecture on torch's meta device. Full-precision
 tensors count at the run's dtype, quantized tensors as stored; ``model.weights_dtype = "fp8" |
 "int8"`` counts every quantizable Linear at one byte per weight plus its scales, keeping
-in full precision what :data:`krea2kit.models.quant.KEEP_FULL_PRECISION` keeps.
+in full precision what :data:`krea2kit.models.quant.KEEP_FULL_PRECISION` keeps;
+``model.text_encoder_weights_dtype`` does the same for the text tower's decoder projections
+(:func:`krea2kit.models.text_encoder.quantized_on_load`).
 
 Activations are the largest live set of one inference step, from the shapes of the modules
 (``tests/memory/`` checks the transformer and VAE terms against measured CPU peaks in fp32,
@@ -48,6 +50,10 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TEXT_TOKENS = 512
 #: Live full-resolution feature maps while a VAE decoder stage runs (x, norm, conv out, skip).
 VAE_LIVE_MAPS = 4
+#: The exact (diffusers-arithmetic) Qwen-Image decode of the official layout pads each causal
+#: conv input to three frames: 2.26 vs 1.50 GiB for the fold at 1024^2 fp32 (meta-device count,
+#: bench/bench_vae_qwen.py), so an untiled official-layout decode peaks about 1.5x higher.
+EXACT_DECODE_FACTOR = 1.5
 SKIP_ENV = "KREA2KIT_SKIP_MEMORY_CHECK"
 #: Transformer blocks on the device under block swap (krea2kit.models.offload.RESIDENT_BLOCKS;
 #: not imported from there, which would import torch).
@@ -211,18 +217,49 @@ def _dit_weights(plan, location: str | None, dtype_bytes: int, weights_dtype: st
                 note + _STREAMED * streamed), preset
 
 
-def _text_tower_bytes(cfg, layers: int, final_norm: bool, dtype_bytes: int) -> int:
+def _quantized_linear_bytes(out_f: int, in_f: int, weights_dtype: str) -> int:
+    """One Linear quantized on load: a byte per weight plus fp32 scales (fp8: one per tensor;
+    int8: one per output row)."""
+    return out_f * in_f + (4 if weights_dtype == "fp8" else 4 * out_f)
+
+
+def _text_tower_bytes(cfg, layers: int, final_norm: bool, dtype_bytes: int, weights_dtype: str = "auto") -> int:
     h, hd = cfg.hidden_size, cfg.head_dim
-    layer = (h * cfg.num_attention_heads * hd * 2 + h * cfg.num_key_value_heads * hd * 2 + 2 * hd
-             + 3 * h * cfg.intermediate_size + 2 * h)
-    return (cfg.vocab_size * h + layers * layer + (h if final_norm else 0)) * dtype_bytes
+    q, kv, inter = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
+    projections = [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter)]  # (out, in)
+    if weights_dtype in ("fp8", "int8"):
+        linear = sum(_quantized_linear_bytes(o, i, weights_dtype) for o, i in projections)
+    else:
+        linear = sum(o * i for o, i in projections) * dtype_bytes
+    layer = (2 * hd + 2 * h) * dtype_bytes + linear  # q/k norms, two layer norms, the projections
+    return (cfg.vocab_size * h + (h if final_norm else 0)) * dtype_bytes + layers * layer
+
+
+def _quantized_on_load_saving(ckpt, dtype_bytes: int, weights_dtype: str, skip) -> int:
+    """Bytes that quantizing a full-precision text tower on load saves (file header only)."""
+    import re
+
+    from krea2kit.models.text_encoder import quantized_on_load
+
+    tower_key = re.compile(r"(?:^|\.)(layers\.\d+\..*)$")
+    saved = 0
+    for key, info in ckpt.infos.items():
+        m = tower_key.search(key)
+        if skip(key) or m is None or not quantized_on_load(m.group(1)) or len(info.shape) != 2:
+            continue
+        out_f, in_f = info.shape
+        saved += out_f * in_f * dtype_bytes - _quantized_linear_bytes(out_f, in_f, weights_dtype)
+    return saved
 
 
 def _text_encoder_weights(plan, location: str | None, dtype_bytes: int) -> tuple[Part, int, int]:
-    """(weights part, hidden size, taps)."""
+    """(weights part, hidden size, taps). ``model.text_encoder_weights_dtype = "fp8" | "int8"``
+    counts the decoder layers' projections at one byte per weight plus scales, as loaded."""
     import re
 
     from krea2kit.models.text_encoder import KREA2_TAPS, PRESETS
+
+    on_load = getattr(plan.recipe.model, "text_encoder_weights_dtype", "auto")
 
     path = Path(location) if location else None
     if path is not None and path.exists():
@@ -242,16 +279,20 @@ def _text_encoder_weights(plan, location: str | None, dtype_bytes: int) -> tuple
 
         nbytes, quantized = _header_bytes(ckpt, dtype_bytes, skip)
         hidden = next((info.shape[-1] for k, info in ckpt.infos.items() if k.endswith("embed_tokens.weight")), 2560)
-        return Part("text encoder weights", nbytes, "quantized file" if quantized else "from the file's header"), \
-            hidden, len(taps)
+        note = "quantized file" if quantized else "from the file's header"
+        if on_load in ("fp8", "int8") and not quantized:  # (a quantized file is refused then)
+            nbytes -= _quantized_on_load_saving(ckpt, dtype_bytes, on_load, skip)
+            note = f"{on_load} on load"
+        return Part("text encoder weights", nbytes, note), hidden, len(taps)
     cfg = PRESETS.get(_config_name(plan, "text_encoder"))
     if cfg is None and plan.recipe.model.text_encoder == "qwen3-vl":  # the built-in part is Krea 2's encoder
         cfg = PRESETS["qwen3-vl-4b"]
     if cfg is None:
         return Part("text encoder weights", 0, "unknown"), 2560, len(KREA2_TAPS)
     deepest = max(KREA2_TAPS)
-    nbytes = _text_tower_bytes(cfg, deepest, deepest == cfg.num_hidden_layers, dtype_bytes)
-    return Part("text encoder weights", nbytes, "from the preset config"), cfg.hidden_size, len(KREA2_TAPS)
+    nbytes = _text_tower_bytes(cfg, deepest, deepest == cfg.num_hidden_layers, dtype_bytes, on_load)
+    note = f"{on_load} on load" if on_load != "auto" else "from the preset config"
+    return Part("text encoder weights", nbytes, note), cfg.hidden_size, len(KREA2_TAPS)
 
 
 def _vae_weights(plan, location: str | None, dtype_bytes: int) -> tuple[Part, int]:
@@ -405,6 +446,9 @@ def estimate(plan, settings, *, device: str, dtype: str, weights_dtype: str | No
     te_act = texts * TEXT_TOKENS * te_hidden * (8 + 4 + taps) * dtype_bytes
     pixels, how = _decode_pixels(plan, w, h)
     vae_act = vae_decode_bytes(pixels, vae_channels, dtype_bytes)
+    if how == "whole image" and plan.recipe.model.layout == "official" and plan.parts["vae"].name == "qwen-image":
+        vae_act = int(vae_act * EXACT_DECODE_FACTOR)  # parts/vae.py decodes exactly in this layout
+        how += ", exact decode"
 
     parts = [dit_w, te_w, vae_w]
     if lora:

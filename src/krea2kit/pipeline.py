@@ -59,6 +59,8 @@ class Record:
     mu: float | None  # None only on a blocked image of a resolution-aware run (never sampled)
     run_id: str
     sha256: str | None = None
+    variation_seed: int | None = None  # [variation]: the second seed and how far toward its noise
+    variation_strength: float | None = None
     blocked_by: list[str] = field(default_factory=list)
     verdicts: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -82,6 +84,13 @@ def pick_device(requested: str) -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def _weights_dtype(plan: Plan, role: str) -> str:
+    """The storage a weights part is asked for: model.weights_dtype for the transformer,
+    model.text_encoder_weights_dtype for the text encoder, "auto" (as stored) for the rest."""
+    model = plan.recipe.model
+    return {"dit": model.weights_dtype, "text_encoder": model.text_encoder_weights_dtype}.get(role, "auto")
 
 
 def pick_dtype(requested: str, device: str) -> str:
@@ -114,7 +123,7 @@ class Pipeline:
             role=role, name=descriptor.name, location=str(location), config=plan.model.part_config(role),
             device=device, dtype=dtype, layout=plan.recipe.model.layout or "official",
             vae_tile_threshold=plan.recipe.model.vae_tile_threshold,
-            weights_dtype=plan.recipe.model.weights_dtype if role == "dit" else "auto",
+            weights_dtype=_weights_dtype(plan, role),
             offload=(plan.recipe.model.offload or "none") if role == "dit" else "none", settings=self.settings,
             plugin_options=plan.plugin_options.get(descriptor.plugin),
         )
@@ -255,6 +264,8 @@ class Pipeline:
             seed=job.seed, width=job.width, height=job.height, model=plan.model.name,
             sampler=plan.recipe.sampler.name or "", steps=plan.steps, guidance=plan.recipe.sampler.guidance or 0.0,
             guidance_convention=plan.recipe.sampler.convention, mu=mu, run_id=run_id,
+            variation_seed=job.variation_seed,
+            variation_strength=job.variation_strength if job.variation_seed is not None else None,
         )
 
     def _blocked_record(self, plan: Plan, job: Job, run_id: str, decision: Any) -> Record:
@@ -285,8 +296,8 @@ class Pipeline:
 
         start = time.perf_counter()
         contract = vae.contract
-        noise = sampling.initial_noise(job.seed, height, width, channels=contract.channels, factor=contract.factor,
-                                       device=device, dtype=dtype)
+        noise = sampling.varied_noise(job.seed, job.variation_seed, job.variation_strength, height, width,
+                                      channels=contract.channels, factor=contract.factor, device=device, dtype=dtype)
         cond = conds[job.prompt]
         uncond = conds[job.negative] if plan.guidance > 0 else None
         denoise = dit.make_denoiser(cond, uncond, guidance=plan.guidance,

@@ -8,7 +8,8 @@ Everything here follows the official Krea 2 sampler (``krea-ai/krea-2`` @ db3984
 * ``mu`` is linear in the image-token count between (256, 0.5) and (6400, 1.15), not clamped;
 * the schedule is ``t = linspace(1, 0, steps + 1)`` time-shifted by ``e^mu``, in float32 on CPU;
 * noise for image ``i`` is ``randn`` from a fresh generator seeded ``seed + i``, drawn on the
-  run's device in the run's dtype;
+  run's device in the run's dtype (a ``[variation]`` slerps it toward a second seed's noise,
+  :func:`slerp_noise`, AUTOMATIC1111's variation seed);
 * the Euler update is ``x = x + (t_next - t) * v`` with Python-float step sizes;
 * pixels are ``clamp(-1, 1) * 0.5 + 0.5``, times 255, truncated to uint8 (no rounding).
 
@@ -145,6 +146,55 @@ def initial_noise(
         1, channels, height // factor, width // factor,
         device=device, dtype=dtype, generator=generator,
     )
+
+
+def slerp_noise(strength: float, base: torch.Tensor, variation: torch.Tensor) -> torch.Tensor:
+    """``base`` moved toward ``variation`` by ``strength`` along a great circle: AUTOMATIC1111's
+    variation seed (``modules/processing.py``: ``slerp(subseed_strength, noise, subnoise)``).
+
+    As there, the angle is measured per channel and per column: each ``(channel, x)`` column
+    of a ``(1, C, H, W)`` latent is one vector over its ``H`` rows (A1111 normalises a
+    ``(C, H, W)`` noise along dim 1). Near-parallel columns (mean cosine above 0.9995) fall back
+    to a plain linear mix (A1111's fallback swaps the two weights; the intended one is used).
+    Strength 0 returns ``base`` and strength 1 ``variation`` unchanged, bit for bit, so those
+    ends give exactly the plain image and the variation seed's image. The mix is computed in
+    float32 and returned in ``base``'s dtype.
+    """
+    if strength <= 0.0:
+        return base
+    if strength >= 1.0:
+        return variation.to(base.dtype)
+    low, high = base.float(), variation.float()
+    rows = 2  # the H axis of (1, C, H, W)
+    low_unit = low / torch.linalg.vector_norm(low, dim=rows, keepdim=True)
+    high_unit = high / torch.linalg.vector_norm(high, dim=rows, keepdim=True)
+    cosine = (low_unit * high_unit).sum(rows, keepdim=True)
+    if cosine.mean() > 0.9995:
+        mixed = low * (1.0 - strength) + high * strength
+    else:
+        omega = torch.acos(cosine.clamp(-1.0, 1.0))
+        sin_omega = torch.sin(omega)
+        weight_low = torch.sin((1.0 - strength) * omega) / sin_omega
+        mixed = weight_low * low + (torch.sin(strength * omega) / sin_omega) * high
+    return mixed.to(base.dtype)
+
+
+def varied_noise(
+    seed: int,
+    variation_seed: int | None,
+    strength: float,
+    height: int,
+    width: int,
+    **kwargs,
+) -> torch.Tensor:
+    """The starting latent of one image with a variation seed: :func:`initial_noise` of
+    ``seed`` (drawn exactly as without one) slerped toward that of ``variation_seed`` by
+    ``strength`` (:func:`slerp_noise`). Both are drawn from their own fresh generators, so the
+    result depends on this image alone, never on its batch or its neighbours."""
+    base = initial_noise(seed, height, width, **kwargs)
+    if variation_seed is None or strength <= 0.0:
+        return base
+    return slerp_noise(strength, base, initial_noise(variation_seed, height, width, **kwargs))
 
 
 # --- samplers ------------------------------------------------------------------------------

@@ -76,9 +76,10 @@ def test_json_lines_shape(cli, recipe):
     assert [r["index"] for r in records] == [0, 1, 2]
     expected = {"index", "status", "path", "prompt", "negative", "seed", "width", "height", "model", "sampler",
                 "steps", "guidance", "guidance_convention", "mu", "run_id", "sha256", "blocked_by", "verdicts",
-                "timings"}
+                "timings", "variation_seed", "variation_strength"}
     for r in records:
         assert set(r) == expected
+        assert r["variation_seed"] is None and r["variation_strength"] is None  # no [variation]
         assert r["status"] == "ok" and r["model"] == "krea2-nano-turbo" and r["steps"] == 2
         assert r["mu"] == pytest.approx(1.15) and r["guidance_convention"] == "krea"
         assert {"encode", "denoise", "decode", "filter", "write"} <= set(r["timings"])

@@ -42,11 +42,22 @@ def _plan(*overrides: str, prompts=("a red ball",)):
     return session, session.plan(load_recipe(None, overrides=list(overrides)), prompts=list(prompts))
 
 
-def _measure(path: Path, text_tokens: int, side: int, batch: int) -> dict:
+#: Fresh processes measured per case: a process's peak RSS varies by up to ~10 % from run to
+#: run (allocator state, page-table growth), and the smallest reading is the one nearest the
+#: tensors themselves, which is what the estimator models.
+PROBE_RUNS = 3
+
+
+def _probe(*args: str) -> dict:
+    """The smallest of :data:`PROBE_RUNS` readings of ``memory_probe.py ARGS``, field by field."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # see memory_probe.py: freed tensors leave RSS
-    out = subprocess.run([sys.executable, str(PROBE), str(path), str(text_tokens), str(side), str(batch)],
-                         capture_output=True, text=True, env=env, timeout=300, check=True)
-    return json.loads(out.stdout)
+    runs = [json.loads(subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True,
+                                      env=env, timeout=300, check=True).stdout) for _ in range(PROBE_RUNS)]
+    return {key: min(r[key] for r in runs) if isinstance(runs[0][key], int) else runs[0][key] for key in runs[0]}
+
+
+def _measure(path: Path, text_tokens: int, side: int, batch: int) -> dict:
+    return _probe(str(path), str(text_tokens), str(side), str(batch))
 
 
 @pytest.mark.slow
@@ -77,10 +88,7 @@ def test_vae_decode_estimate_within_15_percent_of_measured_cpu_peak(side):
     est = memory.estimate(plan, session.settings, device="cpu", dtype="float32")
     decode = next(p for p in est.parts if p.name == "VAE decode")
     assert "whole image" in decode.note  # below the tiling threshold
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, str(PROBE), "vae", str(NANO / "vae"), str(side)],
-                         capture_output=True, text=True, env=env, timeout=300, check=True)
-    measured = json.loads(out.stdout)["activations"]
+    measured = _probe("vae", str(NANO / "vae"), str(side))["activations"]
     assert abs(decode.nbytes - measured) <= TOLERANCE * measured, (decode.nbytes, measured)
 
 

@@ -1,5 +1,6 @@
 """Peak host memory of one transformer load, run in a fresh process by test_quantize_on_load:
-``python rss_probe.py FILE MODE`` prints JSON {"before": bytes, "peak": bytes, "resident": bytes}."""
+``python rss_probe.py FILE MODE`` prints JSON {"before": bytes, "peak": bytes, "resident": bytes}.
+MODE ``text-fp8`` / ``text-int8`` loads FILE as a text tower (every layer tapped) instead."""
 
 import json
 import sys
@@ -29,7 +30,14 @@ def main(path: str, mode: str) -> None:
 
     torch.set_num_threads(1)
     before = rss_now()
-    if mode == "bf16":
+    if mode.startswith("text-"):
+        from krea2kit.models.text_encoder import load_text_tower
+        from krea2kit.models.weights import open_checkpoint
+
+        n = 1 + max(int(k.split(".")[3]) for k in open_checkpoint(path).keys() if ".layers." in k)
+        model = load_text_tower(path, taps=list(range(1, n + 1)), dtype=torch.bfloat16,
+                                weights_dtype=mode[len("text-"):]).tower
+    elif mode == "bf16":
         model = load_dit(path, dtype=torch.bfloat16)
     else:
         model = load_dit_quantizing(path, mode, dtype=torch.bfloat16)

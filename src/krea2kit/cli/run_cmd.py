@@ -16,6 +16,8 @@ def _job_json(job, plan) -> dict[str, Any]:
         "index": job.index, "status": "planned", "prompt": job.prompt, "negative": job.negative,
         "seed": job.seed, "width": job.width, "height": job.height, "model": plan.model.name,
         "sampler": plan.recipe.sampler.name, "steps": plan.steps,
+        **({"variation_seed": job.variation_seed, "variation_strength": job.variation_strength}
+           if job.variation_seed is not None else {}),
     }
 
 
@@ -88,7 +90,7 @@ class Progress:
             if self.bar is not None:
                 if self.task is not None:
                     self.bar.remove_task(self.task)
-                self.task = self.bar.add_task(f"image {job.index + 1}/{data['total']} seed {job.seed}", total=data["steps"])
+                self.task = self.bar.add_task(f"image {job.index + 1}/{self.total_images} seed {job.seed}", total=data["steps"])
         elif event == "step":
             if self.bar is not None and self.task is not None:
                 self.bar.update(self.task, completed=data["step"])
@@ -160,7 +162,12 @@ def run_command(out: Output, recipe: str | None, overrides: list[str], prompts: 
 
         return run_sweep(out, session, recipe, overrides, prompts, [parse_sweep(s) for s in sweeps], as_json=as_json,
                          dry_run=dry_run)
-    plan = session.plan(load_and_report(out, recipe, overrides), prompts=prompts or None)
+    loaded = load_and_report(out, recipe, overrides)
+    if "matrix" in loaded.data:  # several plans, one per combination (cli/matrix_cmd.py)
+        from krea2kit.cli.matrix_cmd import run_matrix
+
+        return run_matrix(out, session, loaded, prompts, as_json=as_json, dry_run=dry_run)
+    plan = session.plan(loaded, prompts=prompts or None)
     if dry_run:
         memory = dry_run_memory(out, session, plan)
         print_dry_run(out, plan, as_json=as_json, extra={"memory": memory} if memory else None)
@@ -209,16 +216,19 @@ def execute(out: Output, session, plan, *, as_json: bool) -> int:
     return EXIT_OK
 
 
-def execute_collect(out: Output, session, plan, *, as_json: bool) -> list:
-    """Run a plan, print each result as it comes, show the summary; return the records."""
+def execute_collect(out: Output, session, plan, *, as_json: bool, total: int | None = None,
+                    summary: bool = True) -> list:
+    """Run a plan, print each result as it comes, show the summary; return the records.
+    ``total``: the images of the whole run when this plan is one part of it (a [matrix])."""
     records = []
     started = time.perf_counter()
-    with Progress(out, len(plan.jobs)) as progress:
+    with Progress(out, total or len(plan.jobs)) as progress:
         for record in session.run(plan, events=progress):
             records.append(record)
             if record.status == "ok":
                 progress.result(json.dumps(record.to_json()) if as_json else escape_line(record.path))
             elif as_json:
                 progress.result(json.dumps(record.to_json()))
-    _summary(out, records, time.perf_counter() - started)
+    if summary:
+        _summary(out, records, time.perf_counter() - started)
     return records

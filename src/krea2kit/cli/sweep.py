@@ -22,25 +22,46 @@ def _slider_index(plan, name: str) -> int:
     return names.index(name)
 
 
-def contact_sheet(rows: list[list], labels: list[str]):
-    """A grid of PIL images with a text label over each column."""
+def contact_sheet(rows: list[list], labels: list[str], row_labels: list[str] | None = None):
+    """A grid of PIL images with a text label over each column (and, given ``row_labels``, one
+    left of each row; columns then widen to fit their labels so none runs into the next)."""
     from PIL import Image, ImageDraw
 
     cell_w = max(im.width for row in rows for im in row if im is not None)
     cell_h = max(im.height for row in rows for im in row if im is not None)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 0
+    if row_labels is not None:
+        left = max((int(measure.textlength(t)) for t in row_labels), default=0) + 6
+        cell_w = max([cell_w] + [int(measure.textlength(t)) + 4 for t in labels])
     cols = len(labels)
-    sheet = Image.new("RGB", (cols * cell_w, LABEL_HEIGHT + len(rows) * cell_h), "white")
+    sheet = Image.new("RGB", (left + cols * cell_w, LABEL_HEIGHT + len(rows) * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
     for c, label in enumerate(labels):
-        draw.text((c * cell_w + 2, 1), label, fill="black")
+        draw.text((left + c * cell_w + 2, 1), label, fill="black")
+    for r, text in enumerate(row_labels or []):
+        draw.text((2, LABEL_HEIGHT + r * cell_h + cell_h // 2 - 5), text, fill="black")
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
+            x, y = left + c * cell_w, LABEL_HEIGHT + r * cell_h
             if im is None:  # blocked: leave a grey cell
-                draw.rectangle([c * cell_w, LABEL_HEIGHT + r * cell_h, (c + 1) * cell_w - 1,
-                                LABEL_HEIGHT + (r + 1) * cell_h - 1], fill=(128, 128, 128))
+                draw.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=(128, 128, 128))
             else:
-                sheet.paste(im, (c * cell_w, LABEL_HEIGHT + r * cell_h))
+                sheet.paste(im, (x, y))
     return sheet
+
+
+def write_sheet(session, base, sheet, target: Path, extra: dict):
+    """Write a contact sheet atomically with the run's recipe and ``extra`` in its metadata,
+    under the recipe's overwrite rule (the next free -2, -3 ... otherwise); returns the path."""
+    from krea2kit.output.metadata import ImageMetadata, build_record
+    from krea2kit.output.writers import write_image
+    from krea2kit.recipe.trust import portable_recipe
+
+    portable = portable_recipe(base.resolved(), local_paths=session.settings.metadata.local_paths)
+    meta = ImageMetadata(parameters=None, krea2kit=build_record(recipe=portable, extra=extra))
+    overwrite = base.recipe.output.overwrite
+    return write_image(sheet, target, format="png", metadata=meta, overwrite=overwrite, numbered=not overwrite)
 
 
 class _Columns:
@@ -78,9 +99,6 @@ def run_sweep(out: Output, session, recipe, overrides, prompts, sweeps, *, as_js
     from PIL import Image
 
     from krea2kit.cli.run_cmd import execute_collect
-    from krea2kit.output.metadata import ImageMetadata, build_record
-    from krea2kit.output.writers import write_image
-    from krea2kit.recipe.trust import portable_recipe
 
     grid: list[list] = [[None] * len(values) for _ in base.jobs]
     records_all = []
@@ -98,13 +116,8 @@ def run_sweep(out: Output, session, recipe, overrides, prompts, sweeps, *, as_js
     labels = [f"{name}={v:g}" for v in values]
     sheet = contact_sheet(grid, labels)
     target = Path(base.recipe.output.dir) / f"{base.name}-sweep-{name}.png"
-    portable = portable_recipe(base.resolved(), local_paths=session.settings.metadata.local_paths)
-    meta = ImageMetadata(parameters=None, krea2kit=build_record(
-        recipe=portable, extra={"sweep": {"slider": name, "values": values,
-                                          "images": [r.path for r in records_all]}}))
-    # The recipe's overwrite rule applies to the sheet too: the next free -2, -3 … otherwise.
-    overwrite = base.recipe.output.overwrite
-    target = write_image(sheet, target, format="png", metadata=meta, overwrite=overwrite, numbered=not overwrite)
+    target = write_sheet(session, base, sheet, target, {"sweep": {"slider": name, "values": values,
+                                                                  "images": [r.path for r in records_all]}})
     out.data(json.dumps({"contact_sheet": str(target), "slider": name, "values": values}) if as_json
              else escape_line(str(target)))
     out.info(f"contact sheet: {target}")

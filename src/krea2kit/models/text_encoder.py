@@ -394,6 +394,17 @@ def _find_config(ckpt, path: Path) -> dict | None:
 
 _STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
+#: The Linears quantized on load (``weights_dtype = "fp8" | "int8"``): every projection of the
+#: decoder layers. The embedding table and the norms stay at the compute dtype.
+QUANTIZED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantized_on_load(tower_key: str) -> bool:
+    """True for a tower module (``layers.3.mlp.up_proj``) or its weight key that quantizing on
+    load converts (shared by the loader and the memory estimate)."""
+    name = tower_key[: -len(".weight")] if tower_key.endswith(".weight") else tower_key
+    return bool(_LAYER_RE.match(name)) and name.rpartition(".")[2] in QUANTIZED_PROJECTIONS
+
 
 @dataclass
 class LoadedTower:
@@ -404,7 +415,7 @@ class LoadedTower:
 
 
 def load_text_tower(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> LoadedTower:
+                    device: str | torch.device = "cpu", weights_dtype: str = "auto") -> LoadedTower:
     """Build the tower on the meta device and fill it from a checkpoint.
 
     Layouts (detected from the keys): transformers (``model.language_model.*``, one file
@@ -412,7 +423,10 @@ def load_text_tower(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtyp
     file (``model.*`` with ``visual.*``/``model.visual.*``) and a bare text model. Vision
     weights, the LM head and decoder layers deeper than the deepest tap are never read.
     ``dtype=None`` uses the stored dtype of the embedding for every tensor (transformers
-    also runs the tower in one dtype).
+    also runs the tower in one dtype). ``weights_dtype="fp8" | "int8"`` quantizes the decoder
+    layers' projections of a full-precision file while streaming it
+    (:func:`krea2kit.models.quant.onload.fill_text_tower_quantizing`); an already quantized
+    file is refused then (it loads as stored with ``"auto"``).
     """
     from krea2kit.models.weights import assign_weights, guess_checkpoint_kind, open_checkpoint
 
@@ -432,6 +446,10 @@ def load_text_tower(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtyp
     from krea2kit.models.quant.detect import detect_quantization
 
     scheme = detect_quantization(ckpt)  # ComfyUI fp8_scaled ... encoders: read by krea2kit.models.quant
+    if weights_dtype != "auto" and scheme is not None:
+        raise WeightsError("this text encoder file is already quantized", file=str(p),
+                           hint="load it as it is (model.text_encoder_weights_dtype = \"auto\"), or point at the "
+                                "bf16 file")
     stored = ckpt.infos[f"{prefix}embed_tokens.weight"].dtype
     if scheme is None and stored not in _STORED_DTYPES:
         raise WeightsError(f"text-encoder weights stored as {stored} in an unknown quantized layout",
@@ -471,7 +489,12 @@ def load_text_tower(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtyp
 
     if dtype is None:
         dtype = _STORED_DTYPES.get(stored, torch.bfloat16)  # an fp8 embedding table computes in bf16
-    if scheme is not None:
+    if weights_dtype != "auto":
+        from krea2kit.models.quant.onload import fill_text_tower_quantizing
+
+        fill_text_tower_quantizing(tower, ckpt, weights_dtype, key_map=key_map, ignore=ignore, dtype=dtype,
+                                   device=device, quantize=quantized_on_load)
+    elif scheme is not None:
         from krea2kit.models.quant.load import fill_quantized_text_tower
 
         fill_quantized_text_tower(tower, ckpt, scheme, key_map=key_map, ignore=ignore, dtype=dtype, device=device)
@@ -485,4 +508,5 @@ def load_text_tower(path, *, taps: Sequence[int] = KREA2_TAPS, dtype: torch.dtyp
 __all__ = [
     "KREA2_TAPS", "PRESETS", "Qwen3TextConfig", "Qwen3TextTower", "LoadedTower",
     "config_from_dict", "config_from_shapes", "detect_language_prefix", "layers_needed", "load_text_tower",
+    "quantized_on_load",
 ]

@@ -13,7 +13,10 @@ conv net (diffusers 0.42.1 ``autoencoder_kl_qwenimage.py``; checked against it i
 So the 3D kernels are folded to 2D when the weights load, the ``time_conv`` weights are
 ignored, and the network runs at ~40% of the 3D formulation's FLOPs with none of its
 padded copies or feature caches. Module names equal the diffusers checkpoint keys; the
-Wan / ComfyUI layout (``encoder.downsamples...``) is renamed at load time.
+Wan / ComfyUI layout (``encoder.downsamples...``) is renamed at load time. In bfloat16 the
+fold rounds differently from the 3D convs (a few 8-bit levels), so ``exact_decode``
+(``model.layout = "official"``) decodes with diffusers' arithmetic instead
+(:mod:`krea2kit.models.vae_qwen_exact`).
 
 Latent normalisation follows the official Krea 2 code (``krea-ai/krea-2``
 ``autoencoder.py``: ``decode`` does ``x * latents_std + latents_mean`` in the model dtype
@@ -355,6 +358,9 @@ class QwenImageVAE(nn.Module):
     tiles (512 px, 128 px overlap); ``None``/``0``/``False`` never tiles; an int tiles with
     that tile side in image pixels (overlap a quarter of it). Tiled results are
     approximate near the seams. A batch runs one image at a time (``batch_slicing``).
+    ``exact_decode = True`` makes untiled decodes redo diffusers' 3D decode arithmetic
+    (bit-identical in fp32 and bf16 on CPU, tested; slower; tiles keep the fold: the
+    official pipeline never tiles).
     The mid-block attention runs in query chunks when one score matrix would exceed
     256 MiB (see :meth:`set_attention_chunking`).
     """
@@ -372,6 +378,9 @@ class QwenImageVAE(nn.Module):
         self.tile_overlap_pixels: int = DEFAULT_TILE_OVERLAP_PIXELS
         self.batch_slicing: bool = True
         self.channels_last: bool = False  # see set_channels_last (loaders turn it on)
+        # True: untiled decodes redo diffusers' 3D arithmetic (bit-identical in bf16, 2-4.5x
+        # slower; krea2kit.models.vae_qwen_exact); the pipeline sets it for layout "official".
+        self.exact_decode: bool = False
 
     # -- properties -------------------------------------------------------
     @property
@@ -464,6 +473,11 @@ class QwenImageVAE(nn.Module):
     def _decode_pass(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(self._layout(z))).contiguous()
 
+    def _exact_decode_pass(self, z: torch.Tensor) -> torch.Tensor:
+        from krea2kit.models.vae_qwen_exact import decode_pass
+
+        return decode_pass(self, z)
+
     def encode_raw(self, images: torch.Tensor, *, tile: TileArg = "auto", tile_threshold: int | None = None) -> torch.Tensor:
         """Images (B,3,H,W) in [-1,1] -> posterior mean (B,z,H/8,W/8), not normalised."""
         self._check_image(images)
@@ -487,7 +501,7 @@ class QwenImageVAE(nn.Module):
         tp = self._tile_pixels(tile, z.shape[-2] * f, z.shape[-1] * f, tile_threshold)
         with torch.no_grad():
             if tp is None:
-                out = self._per_sample(self._decode_pass, z)
+                out = self._per_sample(self._exact_decode_pass if self.exact_decode else self._decode_pass, z)
             else:
                 t = max(2, tp // f)
                 ov = min(max(1, self._overlap_for(tp) // f), t - 1)

@@ -102,6 +102,7 @@ def generation_params(*, steps: int | None = None, sampler: str | None = None,
                       width: int | None = None, height: int | None = None,
                       model: str | None = None, model_hash: str | None = None,
                       shift_mu: float | None = None,
+                      variation_seed: int | None = None, variation_strength: float | None = None,
                       extra: Mapping[str, Any] | None = None,
                       version: str | None = None) -> dict[str, Any]:
     """The ordered ``key: value`` fields of the parameters line, A1111 names first.
@@ -110,7 +111,9 @@ def generation_params(*, steps: int | None = None, sampler: str | None = None,
     "CFG scale" is the standard scale ``s`` of ``v = uncond + s (cond - uncond)``, the same
     velocity with ``s = g + 1``; so ``CFG scale`` is written as ``g + 1`` (``1`` when guidance is
     off: A1111's "no guidance effect") and ``g`` itself as ``Krea guidance``. Readers that know
-    only A1111's fields then read the strength correctly. ``None`` values are left out;
+    only A1111's fields then read the strength correctly. "Variation seed" and "Variation seed
+    strength" are A1111's names for a ``[variation]``, written (as A1111 does) only when the
+    strength is not 0. ``None`` values are left out;
     ``extra`` fields go after the standard ones.
     """
     g = None if guidance is None else float(guidance)
@@ -123,6 +126,9 @@ def generation_params(*, steps: int | None = None, sampler: str | None = None,
         "Size": f"{width}x{height}" if width and height else None,
         "Model hash": model_hash,
         "Model": model,
+        "Variation seed": variation_seed if variation_strength else None,
+        "Variation seed strength": _fmt_number(float(variation_strength)) if variation_seed is not None
+        and variation_strength else None,
         "Shift mu": None if shift_mu is None else _fmt_number(float(shift_mu)),
     }
     for k, v in (extra or {}).items():

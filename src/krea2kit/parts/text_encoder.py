@@ -67,10 +67,17 @@ def load(options: None, context: LoadContext) -> TextEncoderPart:
     from krea2kit.models.text_encoder import KREA2_TAPS
 
     location = context.location
+    # context.weights_dtype: the recipe's model.text_encoder_weights_dtype ("fp8" / "int8"
+    # quantize a full-precision file while loading it).
     encoder = load_text_encoder(location, taps=taps_for(location, KREA2_TAPS), dtype=getattr(torch, context.dtype),
-                                device=context.device)
+                                device=context.device, weights_dtype=context.weights_dtype)
     cache = None
     settings = context.settings
     if settings is not None and settings.cache.prompt_embeddings:
         cache = PromptEmbeddingCache(settings.cache_root() / "prompt-embeddings")
-    return TextEncoderPart(encoder, cache, layout=context.layout)
+    part = TextEncoderPart(encoder, cache, layout=context.layout)
+    if getattr(encoder.tower, "storage_layout", None):  # the identity names the storage already
+        from krea2kit.parts.dit import QUANT_COMPUTE_PATH
+
+        part.identity = f"{part.identity} compute={QUANT_COMPUTE_PATH}"
+    return part

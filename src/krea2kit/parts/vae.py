@@ -51,7 +51,11 @@ def _load(loader: Any, context: LoadContext) -> VAEPart:
 def load_qwen(options: None, context: LoadContext) -> VAEPart:
     from krea2kit.models.vae_qwen import load_qwen_vae
 
-    return _load(load_qwen_vae, context)
+    part = _load(load_qwen_vae, context)
+    # The official layout promises the reference pixels: decode with diffusers' 3D
+    # arithmetic (bit-identical in bf16, slower); "compact" keeps the fast 2D fold.
+    part.module.exact_decode = context.layout == "official"
+    return part
 
 
 def load_flux2(options: None, context: LoadContext) -> VAEPart:

@@ -201,6 +201,14 @@ def _json_kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def recorded_file(known: dict[str, Any]) -> str:
+    """`` (the image records file 'x.png', sha256 ...)`` for a file an image names, or ``""``."""
+    if not known.get("file"):
+        return ""
+    sha = f", sha256 {known['sha256']}" if known.get("sha256") else ""
+    return f" (the image records file {known['file']!r}{sha})"
+
+
 def check_image_loras(loaded: LoadedRecipe) -> None:
     """A LoRA named by an image is used only from a file the local user gives
     (``--set loras.N.path=FILE``); an image never chooses a local path."""
@@ -212,12 +220,8 @@ def check_image_loras(loaded: LoadedRecipe) -> None:
             continue
         name = entry.get("name") or f"#{i}"
         known = next((x for x in loaded.image_loras if x.get("name") == entry.get("name")), {})
-        recorded = ""
-        if known.get("file"):
-            recorded = f" (the image records file {known['file']!r}"
-            recorded += f", sha256 {known['sha256']})" if known.get("sha256") else ")"
         raise RecipeError(
-            f"the image uses LoRA {name!r}{recorded}; an image never chooses a local file",
+            f"the image uses LoRA {name!r}{recorded_file(known)}; an image never chooses a local file",
             file=loaded.path, key=f"loras.{i}.path",
             hint=f"give its file: --set loras.{i}.path=/path/to/{known.get('file') or 'lora.safetensors'}",
         )

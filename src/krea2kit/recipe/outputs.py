@@ -180,6 +180,8 @@ def image_recipe(plan: Plan, job: Job) -> dict[str, Any]:
     data.pop("prompts", None)
     data.update(prompt=job.prompt, negative=job.negative, seed=job.seed, count=1,
                 width=job.width, height=job.height)
+    if job.variation_seed is not None:  # this image's own variation seed (seed + i resolved)
+        data["variation"] = {**data["variation"], "seed": job.variation_seed}
     if not plan.recipe.output.include_prompt:
         data.pop("prompt")
         data.pop("negative")

@@ -13,7 +13,7 @@ from typing import Any
 from krea2kit import env_values
 from krea2kit.errors import RecipeError
 from krea2kit.validation import did_you_mean, validate_model
-from krea2kit.recipe.loader import LoadedRecipe, ensure_schema_id
+from krea2kit.recipe.loader import LoadedRecipe, ensure_schema_id, recorded_file
 from krea2kit.recipe.schema import EnvRef, Recipe
 from krea2kit.registry import Descriptor, ModelDescriptor, Registry
 from krea2kit.settings import Settings
@@ -35,6 +35,9 @@ class Job:
     width: int
     height: int
     label: str = ""
+    # [variation]: the noise is slerp(strength, noise(seed), noise(variation_seed)); None: plain
+    variation_seed: int | None = None
+    variation_strength: float = 0.0
 
 
 @dataclass
@@ -101,6 +104,10 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
     _refuse_filter_switches(loaded)
     _check_image_init(loaded)
     recipe: Recipe = validate_model(Recipe, loaded.data, file=loaded.path, provenance=loaded.provenance)
+    if recipe.matrix is not None:  # one plan per combination: krea2kit.recipe.matrix.expand
+        raise RecipeError("a [matrix] recipe is several runs, one per combination of its values",
+                          file=loaded.file_of("matrix"), key="matrix",
+                          hint="run it with `krea2kit run`; in Python, plan each cell of krea2kit.recipe.matrix.expand()")
     model, parts = _model_parts(recipe, loaded, registry, settings)
     parts["sampler"], sampler_options, guidance, mu = _sampler(recipe, loaded, registry, model)
     jobs = _jobs(recipe, loaded, model)
@@ -230,14 +237,39 @@ def _jobs(recipe: Recipe, loaded: LoadedRecipe, model: ModelDescriptor) -> list[
         seed = entry.seed if entry.seed is not None else recipe.seed
         count = entry.count or recipe.count
         _check_seed_range(recipe, loaded, entry, pi, seed, count)
+        _check_variation_range(recipe, loaded, count)
         for i in range(count):
             jobs.append(Job(
                 index=len(jobs), prompt_index=pi, prompt=text,
                 negative=entry.negative if entry.negative is not None else recipe.negative,
                 seed=seed + i, width=entry.width or recipe.width, height=entry.height or recipe.height,
                 label=entry.name or "",
+                **_variation(recipe, i),
             ))
     return jobs
+
+
+def _variation(recipe: Recipe, i: int) -> dict[str, Any]:
+    """Job fields for image ``i`` of a prompt entry: its own variation seed (``seed + i`` when
+    ``per_image``), so an image never depends on batch size, order or worker count."""
+    v = recipe.variation
+    if v is None:
+        return {}
+    return {"variation_seed": v.seed + i if v.per_image else v.seed, "variation_strength": v.strength}
+
+
+def _check_variation_range(recipe: Recipe, loaded: LoadedRecipe, count: int) -> None:
+    from krea2kit.recipe.schema import MAX_SEED
+
+    v = recipe.variation
+    if v is None or not v.per_image or v.seed + count - 1 <= MAX_SEED:
+        return
+    raise RecipeError(
+        f"variation seed {v.seed} with count {count} needs seeds up to {v.seed + count - 1}, "
+        f"past the largest seed {MAX_SEED} (2**63 - 1)",
+        file=loaded.file_of("variation.seed"), key="variation.seed",
+        hint=f"use a variation seed of at most {MAX_SEED - count + 1}, or variation.per_image = false",
+    )
 
 
 def _check_seed_range(recipe: Recipe, loaded: LoadedRecipe, entry: Any, pi: int, seed: int, count: int) -> None:
@@ -313,12 +345,8 @@ def _check_image_init(loaded: LoadedRecipe) -> None:
         known = loaded.image_init.get(key) if isinstance(loaded.image_init.get(key), dict) else {}
         if key in init or (key == "mask" and not known):
             continue
-        recorded = ""
-        if known.get("file"):
-            recorded = f" (the image records file {known['file']!r}"
-            recorded += f", sha256 {known['sha256']})" if known.get("sha256") else ")"
         raise RecipeError(
-            f"the image was made from an {what}{recorded}; an image never chooses a local file",
+            f"the image was made from an {what}{recorded_file(known)}; an image never chooses a local file",
             file=loaded.path, key=f"init.{key}",
             hint=f"give it: --set init.{key}=/path/to/{known.get('file') or 'picture.png'}",
         )

@@ -72,7 +72,11 @@ class ModelSection(Strict):
         "auto", description="Transformer weight storage: 'auto' keeps the file's (bf16 files load at model.dtype, "
                             "quantized files stay quantized); 'fp8' / 'int8' quantize a full-precision file while "
                             "loading it (embedders, time/text MLPs, text projector, last layer, norms and "
-                            "modulations stay full precision). The text encoder is not affected")
+                            "modulations stay full precision). The text encoder has its own key below")
+    text_encoder_weights_dtype: Literal["auto", "fp8", "int8"] = Field(
+        "auto", description="Text-encoder weight storage: 'auto' keeps the file's; 'fp8' / 'int8' quantize a "
+                            "full-precision file while loading it (the decoder layers' projections; the "
+                            "embedding table and norms stay full precision)")
     offload: Literal["none", "text-encoder", "blocks"] | None = Field(
         None, description="'text-encoder': free the text encoder once the prompts are encoded; 'blocks': that, and "
                           "keep the transformer blocks in host memory, streaming each to the device while the one "
@@ -165,6 +169,7 @@ class OutputSection(Strict):
     metadata: bool = Field(True, description="Write generation parameters and the recipe into the image (the AI marker is always written)")
     include_prompt: bool = Field(True, description="Keep the prompt text in the metadata (false: privacy)")
     overwrite: bool = Field(False, description="Replace existing files instead of adding -2, -3, ...")
+    sheet: bool = Field(False, description="With [matrix]: also write a labelled contact sheet of all the images")
 
 
 class InitSection(Strict):
@@ -180,6 +185,36 @@ class InitSection(Strict):
                                                "black = keep, grey = in between")
     mask_blur: Annotated[float, Field(ge=0.0, le=256.0)] = Field(
         0.0, description="Feather the mask edge by this many pixels (a Gaussian blur radius)")
+
+
+class VariationSection(Strict):
+    """Variations (AUTOMATIC1111's "variation seed"): the image's own starting noise is
+    spherically interpolated toward the noise of a second seed by ``strength``."""
+
+    seed: Seed = Field(description="The variation seed (image i of a prompt uses seed + i when per_image)")
+    strength: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.0, description="0: the image's own noise (the plain image); 1: the variation seed's noise "
+                         "(the image that seed would give); in between: a slerp of the two")
+    per_image: bool = Field(True, description="Image i of a prompt entry uses seed + i (as seeds do); false: "
+                                              "every image uses the same variation seed")
+
+
+class MatrixSection(Strict):
+    """``[matrix]``: the recipe is rendered once for every combination of these values (the
+    cartesian product, in this key order, the last axis changing fastest)."""
+
+    prompt: dict[str, Annotated[list[str], Field(min_length=1, max_length=1000)]] = Field(
+        default_factory=dict, description="Prompt fragments: {name = [...]} fills {matrix.name} in prompts and negatives")
+    seed: Annotated[list[Seed], Field(min_length=1, max_length=1000)] | None = Field(
+        None, description="Seeds (each replaces the recipe's and every prompt entry's seed)")
+    guidance: Annotated[list[Annotated[float, Field(ge=0.0, le=100.0)]], Field(min_length=1, max_length=1000)] | None = Field(
+        None, description="sampler.guidance values (in the recipe's sampler.convention)")
+    steps: Annotated[list[Annotated[int, Field(ge=1, le=1000)]], Field(min_length=1, max_length=1000)] | None = Field(
+        None, description="sampler.steps values")
+    lora: dict[str, Annotated[list[float], Field(min_length=1, max_length=1000)]] = Field(
+        default_factory=dict, description="LoRA strengths by [[loras]] name: {style = [0.0, 1.0]}")
+    slider: dict[str, Annotated[list[float], Field(min_length=1, max_length=1000)]] = Field(
+        default_factory=dict, description="Slider values by [[sliders]] name: {detail = [-1.0, 1.0]}")
 
 
 class Recipe(Strict):
@@ -199,6 +234,9 @@ class Recipe(Strict):
     sampler: SamplerSection = Field(default_factory=SamplerSection)
     loras: list[LoraEntry] = Field(default_factory=list)
     init: InitSection | None = Field(None, description="Image-to-image / inpainting: [init] image, strength, mask")
+    variation: VariationSection | None = Field(None, description="Variation seed and strength (A1111 semantics)")
+    matrix: MatrixSection | None = Field(None, description="Render every combination of prompt fragments, seeds, "
+                                                            "guidance, steps, LoRA strengths and slider values")
     sliders: list[SliderEntry] = Field(default_factory=list)
     safety: SafetySection = Field(default_factory=SafetySection)
     output: OutputSection = Field(default_factory=OutputSection)

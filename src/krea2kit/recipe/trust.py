@@ -4,7 +4,8 @@ An image is a file from anyone. ``krea2kit run IMAGE.png`` takes from it what de
 *picture*: prompts, negative, seeds, count, sizes, the model preset and part names, dtype and
 token layout, sampler settings, sliders, LoRAs by name/strength/step range (their files by
 name and hash, never a path), the ``[init]`` strength and mask feathering (its picture and
-mask likewise by name and hash only), the filters it requires and the image format. Everything
+mask likewise by name and hash only), the ``[variation]`` seed and strength, the filters it
+requires and the image format (a ``[matrix]`` is dropped: images record their own cell). Everything
 that names a place on this machine or loosens a local decision comes from the local user
 (the defaults, ``--set``, the user config): the output folder, file name and overwrite rule,
 weight and LoRA paths, environment references, the device, per-filter safety settings,
@@ -30,10 +31,11 @@ IMAGE_MAY_SET: dict[str, Any] = {
     "prompt": True, "negative": True, "seed": True, "count": True, "width": True, "height": True,
     "prompts": [_PROMPT_KEYS],
     "model": {"preset", "dit", "text_encoder", "vae", "dtype", "layout", "vae_tile_threshold", "weights_dtype",
-              "offload"},
+              "text_encoder_weights_dtype", "offload"},
     "sampler": True,  # common settings and the sampler's own options, checked by its schema
     "loras": [_LORA_KEYS],
     "init": {"strength", "mask_blur"},  # never "image" or "mask": the user gives those files
+    "variation": {"seed", "strength", "per_image"},
     "sliders": True,  # bound to [[loras]] by name only
     "safety": {"filters"},  # requiring a filter can only make a run stricter
     "output": {"format", "quality"},

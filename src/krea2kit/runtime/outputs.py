@@ -97,6 +97,7 @@ class OutputPlanner:
                 # plan.guidance is Krea's g whatever the recipe's convention (which the record keeps)
                 steps=plan.steps, sampler=s.name, guidance=plan.guidance, seed=job.seed, width=job.width,
                 height=job.height, model=plan.model.name, shift_mu=record.mu,
+                variation_seed=job.variation_seed, variation_strength=job.variation_strength,
                 extra={"VAE": parts.get("vae", {}).get("name")} if parts.get("vae") else None,
             )
             parameters = build_parameters(job.prompt if include else None, job.negative if include else None, params)

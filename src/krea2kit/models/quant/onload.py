@@ -1,4 +1,5 @@
-"""Quantize a full-precision transformer file while loading it (``weights_dtype = "fp8" | "int8"``).
+"""Quantize a full-precision file while loading it: the transformer (``model.weights_dtype``)
+and the Qwen3-VL text tower (``model.text_encoder_weights_dtype``), ``"fp8"`` or ``"int8"``.
 
 Tensors are read one at a time with plain file reads (no memory map, so file pages never
 count in the process's resident size), each quantizable Linear is quantized by comfy-kitchen
@@ -7,6 +8,10 @@ the ConvRot group rotation where the width allows, as Comfy-Org's ``int8_convrot
 and the full-precision tensor is dropped before the next is read. Peak host memory is the
 quantized model plus one full-precision tensor. What every community quantizer keeps in
 full precision stays so (:data:`krea2kit.models.quant.KEEP_FULL_PRECISION`, norms, modulations).
+In the text tower only the decoder layers' Linears are quantized (q/k/v/o, gate/up/down); the
+embedding table and the norms stay at the compute dtype, as a ComfyUI fp8 text-encoder file
+holds them once loaded (that file stores the table in fp8 too, but krea2kit, like ComfyUI's
+non-Linear ops, dequantizes the table whole at load: quantizing it would save nothing resident).
 """
 
 from __future__ import annotations
@@ -85,6 +90,50 @@ def _quantize(codec, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"qweight": qt._qdata.contiguous(), "weight_scale": qt._params.scale.float().contiguous()}
 
 
+def _require_quantizer(file: str, weights_dtype: str) -> None:
+    """comfy-kitchen makes the storage: without it, one message naming the extra."""
+    from krea2kit.models.quant.comfy import EXTRA_HINT
+
+    try:
+        from comfy_kitchen.tensor import QuantizedTensor  # noqa: F401
+    except ImportError:
+        raise WeightsError(f"quantizing to {weights_dtype} while loading needs comfy-kitchen, which is not installed",
+                           file=file, hint=EXTRA_HINT) from None
+
+
+def _swap_in_quant_linears(model: nn.Module, quantize, weights_dtype: str, compute) -> dict[str, QuantLinear]:
+    """Replace each Linear of ``model`` (on meta) whose name ``quantize(name)`` accepts by an
+    empty meta :class:`QuantLinear` in ``weights_dtype``'s ComfyUI format."""
+    from krea2kit.models.quant.comfy import ComfyCodec
+
+    quant: dict[str, QuantLinear] = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and quantize(name):
+            codec = ComfyCodec(_codec_conf(weights_dtype, mod.in_features))
+            new = QuantLinear(mod.in_features, mod.out_features, mod.bias is not None, codec, compute, device="meta")
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+            quant[name] = new
+    return quant
+
+
+def _store_quantized(model: nn.Module, module: str, qmod: QuantLinear, tensor: torch.Tensor, *, file: str, key: str,
+                     device) -> None:
+    """Quantize one full-precision (out, in) weight into ``qmod``'s storage buffers."""
+    from krea2kit.models.weights import set_tensor
+
+    if tuple(tensor.shape) != (qmod.out_features, qmod.in_features):
+        raise WeightsError(f"shape mismatch for {key}: {tuple(tensor.shape)}, the model expects "
+                           f"{(qmod.out_features, qmod.in_features)}", file=file, key=key)
+    for buf, t in _quantize(qmod.codec, tensor).items():
+        set_tensor(model, f"{module}.{buf}", t.to(device))
+
+
+def _storage_layout(quant: dict[str, QuantLinear]) -> str:
+    """What the images record: the layouts made, e.g. ``fp8_scaled (quantized on load)``."""
+    return "+".join(sorted({q.storage_layout for q in quant.values()})) + " (quantized on load)"
+
+
 def load_dit_quantizing(path: str | os.PathLike, weights_dtype: str, *, config=None, dtype=None, device="cpu",
                         keep_norms_fp32: bool = True):
     """A transformer from a bf16/fp16/fp32 file (native, ComfyUI or diffusers layout), its
@@ -92,14 +141,13 @@ def load_dit_quantizing(path: str | os.PathLike, weights_dtype: str, *, config=N
     from krea2kit.models.dit import build_meta
     from krea2kit.models.dit_loader import detect_layout, diffusers_to_native, dit_config_from_checkpoint
     from krea2kit.models.weights import mismatch_message, open_checkpoint, set_tensor
-    from krea2kit.models.quant.comfy import ComfyCodec, require_comfy_kitchen
     from krea2kit.models.quant.detect import detect_quantization
 
     if weights_dtype not in WEIGHTS_DTYPES:
         raise ValueError(f"weights_dtype must be one of {sorted(WEIGHTS_DTYPES)}, not {weights_dtype!r}")
     p = Path(path).expanduser()
     ckpt = open_checkpoint(p, what="transformer weights")
-    require_comfy_kitchen(str(p), weights_dtype)
+    _require_quantizer(str(p), weights_dtype)
     if detect_quantization(ckpt) is not None:
         raise WeightsError("this file is already quantized", file=str(p),
                            hint="load it as it is (leave out the weights dtype), or point at the bf16 file")
@@ -119,14 +167,7 @@ def load_dit_quantizing(path: str | os.PathLike, weights_dtype: str, *, config=N
         return rest
 
     model = build_meta(cfg)
-    quant: dict[str, QuantLinear] = {}
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, nn.Linear) and not keeps_full_precision(name):
-            codec = ComfyCodec(_codec_conf(weights_dtype, mod.in_features))
-            new = QuantLinear(mod.in_features, mod.out_features, mod.bias is not None, codec, compute, device="meta")
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, new)
-            quant[name] = new
+    quant = _swap_in_quant_linears(model, lambda name: not keeps_full_precision(name), weights_dtype, compute)
     expected = dict(model.state_dict(keep_vars=True))
     names = {f"{n}.weight": f"{n}.qweight" for n in quant}
     plan = {}
@@ -144,12 +185,7 @@ def load_dit_quantizing(path: str | os.PathLike, weights_dtype: str, *, config=N
         mk = plan[k]
         module, _, leaf = mk.rpartition(".")
         if leaf == "qweight":
-            qmod = quant[module]
-            if tuple(tensor.shape) != (qmod.out_features, qmod.in_features):
-                raise WeightsError(f"shape mismatch for {k}: {tuple(tensor.shape)}, the model expects "
-                                   f"{(qmod.out_features, qmod.in_features)}", file=str(p), key=k)
-            for buf, t in _quantize(qmod.codec, tensor).items():
-                set_tensor(model, f"{module}.{buf}", t.to(device))
+            _store_quantized(model, module, quant[module], tensor, file=str(p), key=k, device=device)
             del tensor
             _give_back_freed_memory()
             continue
@@ -165,5 +201,64 @@ def load_dit_quantizing(path: str | os.PathLike, weights_dtype: str, *, config=N
                 tensor = tensor.to(torch.float32 if keep_norms_fp32 and leaf == "scale" else dtype)
         set_tensor(model, mk, tensor.to(device=device, copy=True))  # never a view of the read buffer
     model.eval().requires_grad_(False)
-    model.storage_layout = "+".join(sorted({q.storage_layout for q in quant.values()})) + " (quantized on load)"
+    model.storage_layout = _storage_layout(quant)
     return model
+
+
+def fill_text_tower_quantizing(tower: nn.Module, ckpt, weights_dtype: str, *, key_map, ignore, dtype,
+                               device="cpu", quantize) -> nn.Module:
+    """The Qwen3-VL text tower (built on meta) from a bf16/fp16/fp32 file, the Linears that
+    ``quantize(module_name)`` accepts quantized to ``weights_dtype`` while streaming.
+
+    key_map / ignore: as for :func:`krea2kit.models.weights.assign_weights` (file key -> tower
+        key or ``None``; file keys expected but never read: the vision tower, deeper layers).
+    dtype: the compute dtype of the quantized layers and the dtype every other floating
+        tensor (embedding, norms) is cast to.
+    """
+    from krea2kit.models.weights import guess_checkpoint_kind, mismatch_message, set_tensor
+
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {sorted(WEIGHTS_DTYPES)}, not {weights_dtype!r}")
+    file = str(ckpt.path)
+    _require_quantizer(file, weights_dtype)
+    quant = _swap_in_quant_linears(tower, quantize, weights_dtype, dtype)
+    expected = dict(tower.state_dict(keep_vars=True))
+    names = {f"{n}.weight": f"{n}.qweight" for n in quant}
+    plan: dict[str, str] = {}
+    unexpected: list[str] = []
+    for k in ckpt.keys():
+        if ignore(k):
+            continue
+        mk = key_map(k)
+        if mk is None:
+            continue
+        mk = names.get(mk, mk)
+        if mk in expected:
+            plan[k] = mk
+        else:
+            unexpected.append(k)
+    covered = set(plan.values()) | {f"{n}.weight_scale" for n in quant}
+    missing = [mk for mk in expected if mk not in covered]
+    if missing or unexpected:
+        raise WeightsError(mismatch_message("text-encoder weights", missing, unexpected), file=file,
+                           hint=f"this file looks like {guess_checkpoint_kind(ckpt.keys())}")
+    for k, mk in plan.items():  # every shape before the first tensor is read
+        module, _, leaf = mk.rpartition(".")
+        want = (quant[module].out_features, quant[module].in_features) if leaf == "qweight" else expected[mk].shape
+        if tuple(ckpt.infos[k].shape) != tuple(want):
+            raise WeightsError(f"shape mismatch for {k}: the file has {tuple(ckpt.infos[k].shape)}, the model "
+                               f"expects {tuple(want)}", file=file, key=k,
+                               hint="the checkpoint and the model config disagree; check the config.json")
+    for k, tensor in stream_tensors(ckpt, plan):
+        mk = plan[k]
+        module, _, leaf = mk.rpartition(".")
+        if leaf == "qweight":
+            _store_quantized(tower, module, quant[module], tensor, file=file, key=k, device=device)
+            del tensor
+            _give_back_freed_memory()
+            continue
+        cast = dtype if tensor.is_floating_point() else tensor.dtype
+        set_tensor(tower, mk, tensor.to(device=device, dtype=cast, copy=True))  # never a view of the read buffer
+    tower.eval().requires_grad_(False)
+    tower.storage_layout = _storage_layout(quant)
+    return tower
