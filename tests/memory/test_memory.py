@@ -82,14 +82,22 @@ def test_estimate_within_15_percent_of_measured_cpu_peaks(mid_file, which, text_
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
-@pytest.mark.parametrize("side", [512, 1024])
-def test_vae_decode_estimate_within_15_percent_of_measured_cpu_peak(side):
-    session, plan = _plan(f"width={side}", f"height={side}")
-    est = memory.estimate(plan, session.settings, device="cpu", dtype="float32")
-    decode = next(p for p in est.parts if p.name == "VAE decode")
-    assert "whole image" in decode.note  # below the tiling threshold
-    measured = _probe("vae", str(NANO / "vae"), str(side))["activations"]
-    assert abs(decode.nbytes - measured) <= TOLERANCE * measured, (decode.nbytes, measured)
+def test_vae_decode_estimate_within_15_percent_of_measured_cpu_peak():
+    """The decode at 1024² within 15 %, and the growth from 512² to 1024² within 15 %: a
+    process carries a fixed few-MB workspace that differs between installs (measured 75 vs
+    85 MB at 512² in two fresh venvs of the same packages, 278 vs 288 MB at 1024²), which the
+    difference cancels and which matters little at the larger size."""
+    decode, measured = {}, {}
+    for side in (512, 1024):
+        session, plan = _plan(f"width={side}", f"height={side}")
+        est = memory.estimate(plan, session.settings, device="cpu", dtype="float32")
+        part = next(p for p in est.parts if p.name == "VAE decode")
+        assert "whole image" in part.note  # below the tiling threshold
+        decode[side] = part.nbytes
+        measured[side] = _probe("vae", str(NANO / "vae"), str(side))["activations"]
+    assert abs(decode[1024] - measured[1024]) <= TOLERANCE * measured[1024], (decode, measured)
+    growth, measured_growth = decode[1024] - decode[512], measured[1024] - measured[512]
+    assert abs(growth - measured_growth) <= TOLERANCE * measured_growth, (decode, measured)
 
 
 @pytest.mark.parametrize("weights_dtype", ["fp8", "int8"])
