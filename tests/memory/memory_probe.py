@@ -12,19 +12,10 @@ tracemalloc cannot be used: torch's CPU allocator is not Python's.
 import gc
 import json
 import sys
+from pathlib import Path
 
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field}")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # run as a script: tests/ for support/
+from support.proc_memory import reset_peak, status  # noqa: E402
 
 
 def main(path: str, txt_tokens: int, side: int, batch: int, dtype_name: str = "float32") -> None:
@@ -38,11 +29,11 @@ def main(path: str, txt_tokens: int, side: int, batch: int, dtype_name: str = "f
     dtype = getattr(torch, dtype_name)
     load_dit(path, dtype=dtype)  # warm-up, dropped at once: the loader's first use maps code pages too
     gc.collect()
-    before = _status("VmRSS")
+    before = status("VmRSS")
     model = load_dit(path, dtype=dtype).eval()
     for t in model.state_dict().values():  # fault in every page (a memory-mapped file counts when read)
         t.sum()
-    weights = _status("VmRSS") - before
+    weights = status("VmRSS") - before
     cfg = model.config
     latent = side // 8
     txt = torch.randn(1, txt_tokens, cfg.txtlayers, cfg.txtdim, generator=g).to(dtype)
@@ -53,11 +44,11 @@ def main(path: str, txt_tokens: int, side: int, batch: int, dtype_name: str = "f
         # (tens of MB, once per process) that are not activations.
         Krea2Denoiser(model, txt[:, :2], latent_hw=(2, 2), layout="compact", **{
             k: (v[:, :2] if k == "uncond_txt" else v) for k, v in kwargs.items()})(x[:1, :, :2, :2], 0.5)
-        _reset_peak()
-        base = _status("VmRSS")
+        reset_peak()
+        base = status("VmRSS")
         denoise = Krea2Denoiser(model, txt, latent_hw=(latent, latent), layout="compact", **kwargs)
         v = denoise(x[:1], 0.5)
-        peak = _status("VmHWM")
+        peak = status("VmHWM")
     print(json.dumps({"weights": weights, "activations": peak - base, "out": list(v.shape)}))
 
 
@@ -72,10 +63,10 @@ def vae(folder: str, side: int) -> None:
     z = torch.randn(1, 16, side // 8, side // 8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         model.decode(z[:, :, :2, :2], tile=None)  # warm-up, as above
-        _reset_peak()
-        base = _status("VmRSS")
+        reset_peak()
+        base = status("VmRSS")
         out = model.decode(z, tile=None)
-        peak = _status("VmHWM")
+        peak = status("VmHWM")
     print(json.dumps({"activations": peak - base, "out": list(out.shape)}))
 
 

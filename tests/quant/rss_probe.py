@@ -4,18 +4,14 @@ MODE ``text-fp8`` / ``text-int8`` loads FILE as a text tower (every layer tapped
 
 import json
 import sys
+from pathlib import Path
 
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field}")
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # run as a script: tests/ for support/
+from support.proc_memory import status  # noqa: E402
 
 
 def rss_now() -> int:
-    return _status("VmRSS")
+    return status("VmRSS")
 
 
 def main(path: str, mode: str) -> None:
@@ -42,7 +38,7 @@ def main(path: str, mode: str) -> None:
     else:
         model = load_dit_quantizing(path, mode, dtype=torch.bfloat16)
     # VmHWM: this process's own high-water mark (ru_maxrss would carry the parent's from fork).
-    peak = _status("VmHWM")
+    peak = status("VmHWM")
     print(json.dumps({"before": before, "peak": peak, "resident": resident_nbytes(model)}))
 
 
