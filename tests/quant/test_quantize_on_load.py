@@ -77,24 +77,31 @@ def test_quantize_on_load_refuses_an_already_quantized_file(tmp_path):
 
 @pytest.mark.slow
 def test_quantize_on_load_peak_memory_stays_near_the_quantized_size(tmp_path):
-    # A synthetic 87M-parameter transformer (173 MB in bf16), 89 % of it in quantizable Linears.
-    cfg = DiTConfig(features=1024, heads=8, kvheads=2, layers=6, tdim=256, txtdim=256, txtheads=2, txtkvheads=2,
-                    txtlayers=12)
-    g = torch.Generator().manual_seed(0)
-    state = {k: (torch.randn(v.shape, generator=g) * 0.02).to(torch.bfloat16) for k, v in build_meta(cfg).state_dict().items()}
-    path = tmp_path / "mid-bf16.safetensors"
-    save_file(state, str(path))
-    del state
-    size = os.path.getsize(path)
-    probe = Path(__file__).parent / "rss_probe.py"
-    results = {}
-    for mode in ("fp8", "int8"):
+    def synthetic_transformer(layers: int) -> Path:
+        """A synthetic transformer (27 MB of bf16 a block, 89 % of the whole in quantizable Linears)."""
+        cfg = DiTConfig(features=1024, heads=8, kvheads=2, layers=layers, tdim=256, txtdim=256, txtheads=2,
+                        txtkvheads=2, txtlayers=12)
+        g = torch.Generator().manual_seed(0)
+        state = {k: (torch.randn(v.shape, generator=g) * 0.02).to(torch.bfloat16)
+                 for k, v in build_meta(cfg).state_dict().items()}
+        path = tmp_path / f"bf16-{layers}.safetensors"
+        save_file(state, str(path))
+        return path
+
+    def load(path: Path, mode: str) -> dict:
+        probe = Path(__file__).parent / "rss_probe.py"
         out = subprocess.run([sys.executable, str(probe), str(path), mode], capture_output=True, text=True, check=True)
-        results[mode] = json.loads(out.stdout)
-    for mode, r in results.items():
-        grew = r["peak"] - r["before"]
-        # Measured (CPU, torch 2.13): resident 0.55x the bf16 file; the process grew 0.70x (fp8) and
-        # 0.80x (int8): the model plus the temporaries of quantizing one tensor (here the largest
-        # is 3 % of the model; in the 12.8B model under 1 %).
-        assert r["resident"] < 0.6 * size, (mode, r, size)
-        assert grew < 0.9 * size and grew - r["resident"] < 0.35 * size, (mode, grew / size)
+        return json.loads(out.stdout)
+
+    small, large = synthetic_transformer(2), synthetic_transformer(8)
+    extra = os.path.getsize(large) - os.path.getsize(small)  # six blocks, 160 MB of bf16
+    for mode in ("fp8", "int8"):
+        a, b = load(small, mode), load(large, mode)
+        # What six more blocks cost, so a process-wide fixed cost (allocator arenas, kernel set-up,
+        # which differ between installs) cancels. Measured (CPU, torch 2.13): resident 0.50x the
+        # bf16 bytes added, peak growth 0.51x (fp8) and 0.49x (int8), as tensors are quantized a block of rows
+        # at a time. A bf16 load grows by 1.0x.
+        resident = b["resident"] - a["resident"]
+        grew = (b["peak"] - b["before"]) - (a["peak"] - a["before"])
+        assert resident < 0.55 * extra, (mode, resident / extra)
+        assert grew < 0.75 * extra, (mode, grew / extra)

@@ -79,15 +79,42 @@ def _give_back_freed_memory() -> None:
         pass
 
 
+# Rows quantized per call: bounds the float temporaries (abs, scaled copy, rotation) to a few MB
+# whatever the tensor's size (a 151k x 2560 embedding would otherwise take 1.5 GB of fp32 copies).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _row_chunks(weight: torch.Tensor) -> Iterator[slice]:
+    rows = max(1, CHUNK_ELEMENTS // max(1, weight.shape[-1]))
+    for start in range(0, weight.shape[0], rows):
+        yield slice(start, start + rows)
+
+
 def _quantize(codec, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ComfyUI's quantization of one (out, in) weight, a block of rows at a time. Both formats
+    are row-separable, so the result is bit-identical to quantizing the whole tensor: int8 has a
+    scale per row (the ConvRot rotation mixes columns within a row); fp8 has one scale, the
+    tensor's amax / 448, taken exactly over all chunks first."""
     from comfy_kitchen.tensor import QuantizedTensor
 
     if codec.format == "int8_tensorwise":
         kwargs = {"per_channel": True, "convrot": codec.convrot, "convrot_groupsize": codec.convrot_groupsize}
     else:
-        kwargs = {"scale": "recalculate"}
-    qt = QuantizedTensor.from_float(weight, codec.layout_cls, **kwargs)
-    return {"qweight": qt._qdata.contiguous(), "weight_scale": qt._params.scale.float().contiguous()}
+        # in the weight's own dtype, as comfy-kitchen divides (a bf16 scale, then widened)
+        amax = torch.stack([weight[rows].abs().amax() for rows in _row_chunks(weight)]).amax()
+        kwargs = {"scale": amax / torch.finfo(torch.float8_e4m3fn).max}
+    qdata, scales = None, []
+    for rows in _row_chunks(weight):
+        qt = QuantizedTensor.from_float(weight[rows], codec.layout_cls, **kwargs)
+        if qdata is None:
+            qdata = torch.empty(weight.shape, dtype=qt._qdata.dtype)
+        qdata[rows] = qt._qdata
+        scales.append(qt._params.scale.float())
+    if qdata is None:  # no rows at all
+        qt = QuantizedTensor.from_float(weight, codec.layout_cls, **kwargs)
+        return {"qweight": qt._qdata.contiguous(), "weight_scale": qt._params.scale.float().contiguous()}
+    scale = torch.cat(scales) if codec.format == "int8_tensorwise" else scales[0]
+    return {"qweight": qdata, "weight_scale": scale.contiguous()}
 
 
 def _require_quantizer(file: str, weights_dtype: str) -> None:
