@@ -18,6 +18,7 @@ from krea2kit.registry import (
     VAEDescriptor,
     WriterDescriptor,
 )
+from krea2kit.registry import PromptExpanderDescriptor
 
 KREA2KIT_CONTRACT = CONTRACT_VERSION  # built-ins always follow the current plugin contract
 
@@ -142,6 +143,40 @@ def register_sliders(register):
         name="lora", summary="Drive [[loras]] strengths with one value (concept sliders, style dials)",
         load="krea2kit.parts.sliders:load", options="krea2kit.lora.sliders:LoraSliderOptions",
         check_options={"lora": "detail", "range": [-2.0, 2.0]}))
+
+
+@hookimpl
+def register_prompt_expanders(register):
+    # Where each talks to (endpoint, key, weights folder) comes from the user config or the
+    # environment (krea2kit.expander.config), never from a recipe.
+    register(PromptExpanderDescriptor(
+        name="openai", summary="Any OpenAI-compatible chat endpoint (llama.cpp server, Ollama, vLLM, LM Studio)",
+        load="krea2kit.expander.openai_chat:load", needs="endpoint"))
+    register(PromptExpanderDescriptor(
+        name="transformers", summary="Local generation with the Qwen3-VL-4B text encoder's own weights "
+                                     "(extra: krea2kit[expander])",
+        load="krea2kit.expander.local_transformers:load", needs="weights"))
+
+
+@hookimpl
+def register_embedders(register):
+    from krea2kit.registry import EmbedderDescriptor
+
+    # Weight-free and offline, so diversity scores work on a fresh install; learned embedders
+    # (CLIP, DINOv2) come from the plugins/krea2kit-embeddings distribution.
+    register(EmbedderDescriptor(
+        name="lab-hog", summary="Weight-free: Lab colour layout + edge-orientation histograms, fixed random "
+                                "projection (offline, deterministic)",
+        load="krea2kit.parts.embedders:load"))
+
+
+@hookimpl
+def register_runners(register):
+    from krea2kit.registry import RunnerDescriptor
+
+    # Scale-out runners (Ray: plugins/krea2kit-ray) register through this same hook.
+    register(RunnerDescriptor(name="local", summary="Render a job's images in this process, in item order",
+                              load="krea2kit.jobs.runner:load_local"))
 
 
 @hookimpl

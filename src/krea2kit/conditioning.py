@@ -234,7 +234,12 @@ class Krea2TextEncoder:
                                 self.template, warn=warn)
 
     def cache_key(self, prompt: str) -> str:
-        return PromptEmbeddingCache.make_key(self.identity, prompt, taps=self.taps, template=self.template,
+        identity = self.identity
+        if "storage=" in identity:  # quantized layers: how they compute (model.quant_compute) changes the bits
+            from krea2kit.models.quant.linear import current_mode
+
+            identity = f"{identity} quant_compute={current_mode()}"
+        return PromptEmbeddingCache.make_key(identity, prompt, taps=self.taps, template=self.template,
                                              dtype=self._dtype,
                                              rope=self._rope + ("|padded-layout" if self.exact_layout else ""))
 

@@ -39,7 +39,7 @@ both numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -65,7 +65,7 @@ __all__ = [
     "CONTRACT_VERSION", "OLDEST_SUPPORTED_CONTRACT", "PLUGIN_CONTRACT_ATTRIBUTE",
     "LoadContext", "OutputInfo", "LatentContract", "PartLoader",
     "Denoiser", "StepCallback", "DiTPart", "TextEncoderPart", "VAEPart", "Sampler", "LoraFormat",
-    "Slider", "PromptFilter", "ImageFilter", "Writer", "PROTOCOLS", "OPTIONS_FROM", "LOADS_WEIGHTS",
+    "Slider", "PromptFilter", "ImageFilter", "Writer", "PromptExpander", "Embedder", "Runner", "PROTOCOLS", "OPTIONS_FROM", "LOADS_WEIGHTS",
     "HOST_CALLS", "protocol_for", "protocol_members", "missing_members", "size_multiple",
 ]
 
@@ -75,7 +75,7 @@ class LoadContext:
     """Everything the host hands a part's ``load`` besides its own options.
 
     role: the part kind being loaded ("dit", "text_encoder", "vae", "sampler",
-        "lora_format", "slider", "filter", "writer").
+        "lora_format", "slider", "filter", "writer", "embedder").
     name: the name the part is used under: the descriptor's name, or for a slider its
         ``[[sliders]]`` entry name.
     location: the weights (a file or folder path) for "dit", "text_encoder" and "vae";
@@ -339,6 +339,85 @@ class Writer(Protocol):
 
 
 
+# --- prompt expansion -----------------------------------------------------------------------
+
+
+@runtime_checkable
+class PromptExpander(Protocol):
+    """A prompt expander (``[expander] backend``): rewrites a short prompt into a fuller one
+    with a language model. ``load(options, context)`` reads where the model is (an endpoint,
+    a weights folder) from ``context.settings`` (the user config), never from a recipe.
+
+    identity: what produced the text, without secrets (e.g. ``"openai:qwen3-vl-4b"``); part
+        of the expansion cache key and recorded in image metadata. Never an API key or URL
+        credentials.
+    """
+
+    identity: str
+
+    def expand(self, prompt: str, *, system_prompt: str, seed: int, temperature: float,
+               max_tokens: int) -> str:
+        """The expanded prompt for ``prompt`` under ``system_prompt``: plain text, may be
+        empty (the host treats an empty answer as a failure). Raise
+        :class:`krea2kit.expander.ExpanderError` (or any exception) when the model cannot
+        answer; never block longer than the part's own timeouts."""
+        ...
+
+
+# --- diversity ------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """An image embedder for diversity scores and "keep the k most diverse" (``[diversity]
+    embedder``). ``load(options, context)`` gets the ``[diversity]`` keys beside the common
+    ones as ``options``; a part that needs weights reads their location from its plugin's
+    ``[plugins.<name>]`` table (``context.plugin_options``) or the environment, never downloads
+    them, and raises a ``WeightsError`` naming that option when none is given.
+
+    name: what made the embeddings, recorded with the scores in image metadata (a model and
+        weights fingerprint, or a versioned method name such as ``"lab-hog-1"``).
+    dim: ``d``, the length of each embedding.
+    """
+
+    name: str
+    dim: int
+
+    def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``(n, d)`` float tensor for ``n`` RGB ``PIL.Image`` s of any size, in order, each row
+        L2-normalised (unit length; cosine similarity is then a dot product). Deterministic:
+        the same image gives the same row whatever else is in the batch."""
+        ...
+
+
+# --- job runners ----------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Where a batch job's items render (``krea2kit run JOB --on NAME``). ``load(options,
+    context)`` gets its validated ``--runner-opt`` settings as ``options``.
+
+    name: the runner's name, for messages.
+
+    A runner decides only *where* each item runs: its seed, pixels and file name are fixed by
+    the job (:mod:`krea2kit.jobs`). It may yield the items in any order; the host appends a
+    manifest line for each record as it arrives, so a runner must yield an item only once
+    its image is written (or blocked).
+    """
+
+    name: str
+
+    def run(self, job: Any, items: Sequence[int], *, session: Any, events: Callable[..., None]) -> Iterator[Any]:
+        """Render the items ``items`` (indices into the job) of ``job`` (a
+        :class:`krea2kit.jobs.BatchJob`: ``job.spec`` is plain data to send elsewhere,
+        ``job.plans`` the plans made in this process) and yield one
+        :class:`krea2kit.pipeline.Record` per item as it finishes. ``session`` is the caller's
+        :class:`krea2kit.api.Session` (its parts stay loaded); ``events`` the progress callback
+        (``events("job_end", record=...)`` per item when the pipeline does not send it)."""
+        ...
+
+
 #: descriptor kind -> the protocol its ``load`` result satisfies ("filter" depends on the
 #: descriptor's ``target``: see :func:`protocol_for`).
 PROTOCOLS: dict[str, Any] = {
@@ -350,6 +429,9 @@ PROTOCOLS: dict[str, Any] = {
     "slider": Slider,
     "filter": (PromptFilter, ImageFilter),
     "writer": Writer,
+    "embedder": Embedder,
+    "prompt_expander": PromptExpander,
+    "runner": Runner,
 }
 
 #: descriptor kind -> where a recipe sets the ``options`` its ``load`` receives.
@@ -362,6 +444,11 @@ OPTIONS_FROM: dict[str, str] = {
     "slider": "the `[[sliders]]` entry's keys beside `name`, `value`, `kind`",
     "filter": "`[safety.settings.<filter name>]`",
     "writer": "`None` (the plugin's `[plugins.<name>]` table is `context.plugin_options`)",
+    "embedder": "the `[diversity]` keys beside `embedder`, `keep`, `method` (weights: the plugin's "
+                "`[plugins.<name>]` table, `context.plugin_options`)",
+    "prompt_expander": "`None` (endpoint, key and weights come from the user config, `context.settings`; "
+                       "the `[expander]` sampling settings are passed to each `expand` call)",
+    "runner": "`krea2kit run --on NAME --runner-opt KEY=VALUE` (and `--address`), never a recipe",
 }
 
 #: kinds whose ``load`` reads weights from ``context.location``.
@@ -394,6 +481,9 @@ HOST_CALLS: dict[str, tuple[int, tuple[str, ...]]] = {
     "check_prompt": (1, ()),
     "check_image": (1, ()),
     "write": (3, ()),
+    "embed": (1, ()),
+    "expand": (1, ("system_prompt", "seed", "temperature", "max_tokens")),
+    "run": (2, ("session", "events")),
 }
 
 

@@ -13,6 +13,7 @@ EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_BLOCKED = 3
 EXIT_WEIGHTS = 4
+EXIT_EXPANDER = 5  # [expander]: the language model did not answer (down, timeout, HTTP error, empty/refused)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
 EXIT_TERMINATED = 143  # 128 + SIGTERM: `kill`, a job scheduler, `docker stop`; handled like Ctrl-C
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, what shells report for `yes | head -1`
@@ -85,6 +86,14 @@ class PluginError(Krea2kitError):
     """A plugin that failed to load, clashed with another, or misbehaved."""
 
     exit_code = EXIT_RUNTIME
+
+
+class ExpanderError(Krea2kitError):
+    """The prompt expander's model gave no usable answer (endpoint down, timeout, HTTP error,
+    malformed, empty or refused answer). ``[expander] on_failure = "original"`` turns it into a
+    warning and keeps the prompt as written."""
+
+    exit_code = EXIT_EXPANDER
 
 
 class BlockedError(Krea2kitError):

@@ -84,6 +84,25 @@ def register_writers(register):
 
 
 @hookspec
+def register_prompt_expanders(register):
+    """Register prompt expander backends (``PromptExpanderDescriptor``), selected by a recipe's
+    ``[expander] backend``: a language model that rewrites a short prompt into a fuller one."""
+
+
+@hookspec
+def register_embedders(register):
+    """Register image embedders (``EmbedderDescriptor``), selected by a recipe's ``[diversity]
+    embedder``: images to L2-normalised vectors for diversity scores and selection."""
+
+
+@hookspec
+def register_runners(register):
+    """Register job runners (``RunnerDescriptor``): where a batch job's items render
+    (``krea2kit run JOB --on NAME``). krea2kit's own is ``local``; a runner only decides
+    where each item runs, never its seed, pixels or file name."""
+
+
+@hookspec
 def register_commands(cli):
     """Add click commands or groups to the ``krea2kit`` command line: ``cli.add_command(...)``."""
 

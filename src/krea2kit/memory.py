@@ -17,7 +17,9 @@ within 15 %; the text-encoder term is a rough bound; nothing is measured on a GP
   phase (q, k, v, output, gate) and the SwiGLU phase (gate and up, in place), over
   ``batch x (text + image)`` tokens, batch 2 with guidance (cond and uncond in one call);
   the text fusion over ``batch x text x taps`` tokens; plus one dequantized layer for
-  quantized weights (:class:`~krea2kit.models.quant.linear.QuantLinear` computes per layer).
+  quantized weights (:class:`~krea2kit.models.quant.linear.QuantLinear` computes per layer;
+  its fp8/int8 matmuls quantize the activations in token blocks whose temporaries stay below
+  that, ``ROW_BLOCK_ELEMENTS``).
 * text encoder: all prompts in one batch at the template's length.
 * VAE decode: four full-resolution feature maps of the decoder's widest full-resolution
   stage, over a tile when the image is tiled.
@@ -27,6 +29,11 @@ released after encoding (the preset's default or ``model.offload``). With ``mode
 "blocks"`` the transformer counts its weights outside ``blocks`` plus two of its blocks (the
 one computing and the next one being copied: :mod:`krea2kit.models.offload`). The peak is the largest
 of the three phases (encode, denoise, decode).
+
+A plan that does not fit is refused with the changes that would lower its peak and their
+estimates (:func:`alternatives`): the transformer quantized on load, the text encoder released
+or quantized on load (when its weights count in the peak), the blocks streamed, and the text
+encoder quantized together with a transformer change where the pair goes lower than either.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ class Estimate:
     text_encoder_released: bool
     blocks_streamed: bool = False
     notes: list[str] = field(default_factory=list)
+    text_encoder_weights_dtype: str = "auto"
 
     @property
     def peak(self) -> int:
@@ -252,14 +260,16 @@ def _quantized_on_load_saving(ckpt, dtype_bytes: int, weights_dtype: str, skip) 
     return saved
 
 
-def _text_encoder_weights(plan, location: str | None, dtype_bytes: int) -> tuple[Part, int, int]:
+def _text_encoder_weights(plan, location: str | None, dtype_bytes: int,
+                          on_load: str | None = None) -> tuple[Part, int, int]:
     """(weights part, hidden size, taps). ``model.text_encoder_weights_dtype = "fp8" | "int8"``
-    counts the decoder layers' projections at one byte per weight plus scales, as loaded."""
+    (or ``on_load``, which overrides it) counts the decoder layers' projections at one byte per
+    weight plus scales, as loaded."""
     import re
 
     from krea2kit.models.text_encoder import KREA2_TAPS, PRESETS
 
-    on_load = getattr(plan.recipe.model, "text_encoder_weights_dtype", "auto")
+    on_load = on_load or getattr(plan.recipe.model, "text_encoder_weights_dtype", "auto")
 
     path = Path(location) if location else None
     if path is not None and path.exists():
@@ -389,10 +399,11 @@ def _decode_pixels(plan, width: int, height: int) -> tuple[int, str]:
 # -- the estimate --------------------------------------------------------------------------
 
 def estimate(plan, settings, *, device: str, dtype: str, weights_dtype: str | None = None,
-             release_text_encoder: bool | None = None, stream_blocks: bool | None = None) -> Estimate:
+             release_text_encoder: bool | None = None, stream_blocks: bool | None = None,
+             text_encoder_weights_dtype: str | None = None) -> Estimate:
     """Peak device memory of ``plan`` on ``device`` at ``dtype`` (names as in ``model.dtype``);
-    ``weights_dtype`` / ``release_text_encoder`` / ``stream_blocks`` override the recipe's
-    (for alternatives)."""
+    ``weights_dtype`` / ``release_text_encoder`` / ``stream_blocks`` /
+    ``text_encoder_weights_dtype`` override the recipe's (for alternatives)."""
     from krea2kit.locate import locate_weights
 
     dtype_bytes = _DTYPE_BYTES[dtype]
@@ -418,7 +429,7 @@ def estimate(plan, settings, *, device: str, dtype: str, weights_dtype: str | No
             return fn(plan, None, *args)
 
     dit_w, dit_cfg = read("dit", _dit_weights, dtype_bytes, weights_dtype, streamed)
-    te_w, te_hidden, taps = read("text_encoder", _text_encoder_weights, dtype_bytes)
+    te_w, te_hidden, taps = read("text_encoder", _text_encoder_weights, dtype_bytes, text_encoder_weights_dtype)
     vae_w, vae_channels = read("vae", _vae_weights, dtype_bytes)
     lora = _lora_bytes(plan, dtype_bytes)
 
@@ -433,9 +444,16 @@ def estimate(plan, settings, *, device: str, dtype: str, weights_dtype: str | No
     if dit_cfg is None:
         notes.append("transformer activations unknown: no architecture config for these weights")
     if dit_cfg is not None:
-        dit_act = dit_activation_bytes(dit_cfg, batch=batch, text_tokens=TEXT_TOKENS, image_tokens=image_tokens,
+        # [[references]] ride along every call as more tokens (krea2kit.recipe.references)
+        from krea2kit.recipe.references import reference_extra_bytes, reference_tokens
+
+        ref_tokens = reference_tokens(plan.recipe.references, image_tokens)
+        dit_act = dit_activation_bytes(dit_cfg, batch=batch, text_tokens=TEXT_TOKENS,
+                                       image_tokens=image_tokens + ref_tokens,
                                        dtype_bytes=dtype_bytes, cuda=device.startswith("cuda"),
                                        pad_to=256 if plan.recipe.model.layout == "official" else None)
+        dit_act += reference_extra_bytes(dit_cfg, plan.recipe.references, batch=batch,
+                                         tokens=TEXT_TOKENS + image_tokens + ref_tokens, dtype_bytes=dtype_bytes)
         if weights_dtype != "auto" or "quantized" in dit_w.note or "GGUF" in dit_w.note:
             dit_act += largest_linear_bytes(dit_cfg, dtype_bytes)
         conds = texts * TEXT_TOKENS * dit_cfg.txtlayers * dit_cfg.txtdim * dtype_bytes
@@ -462,7 +480,9 @@ def estimate(plan, settings, *, device: str, dtype: str, weights_dtype: str | No
     phases = {"encoding": te_w.nbytes + te_act + conds, "denoising": resident + dit_act,
               "decoding": resident + vae_act}
     return Estimate(device=device, dtype=dtype, weights_dtype=weights_dtype, parts=parts, phases=phases,
-                    text_encoder_released=released, blocks_streamed=streamed, notes=notes)
+                    text_encoder_released=released, blocks_streamed=streamed, notes=notes,
+                    text_encoder_weights_dtype=text_encoder_weights_dtype
+                    or getattr(plan.recipe.model, "text_encoder_weights_dtype", "auto"))
 
 
 # -- the check -----------------------------------------------------------------------------
@@ -498,22 +518,48 @@ def host_available_bytes() -> int | None:
         return None
 
 
+def _text_encoder_in_peak(est: Estimate) -> bool:
+    """Whether the text encoder's weights count in the peak: the peak is the encoding phase,
+    or the encoder stays loaded through denoising and decoding."""
+    return est.peak_phase == "encoding" or not est.text_encoder_released
+
+
 def alternatives(plan, settings, est: Estimate) -> list[tuple[str, int]]:
-    """Recipe changes that lower the peak, with their estimates (largest saving first)."""
-    out = []
+    """Recipe changes that lower the peak, with their estimates (largest saving first): one
+    key each, and the text encoder quantized on load together with each transformer change
+    where the pair goes lower than either alone (with the blocks streamed, the encoding phase
+    is often the peak: Krea 2 Turbo at 1024², 7.9 GB, 4.4 GB with an fp8 text encoder)."""
+    def alt(**changes) -> int:
+        kw = {"weights_dtype": est.weights_dtype, "release_text_encoder": est.text_encoder_released,
+              "stream_blocks": est.blocks_streamed, "text_encoder_weights_dtype": est.text_encoder_weights_dtype}
+        return estimate(plan, settings, device=est.device, dtype=est.dtype, **{**kw, **changes}).peak
+
+    out: list[tuple[str, int]] = []
+    dit: list[tuple[str, dict]] = []  # transformer-side changes, to pair with the text encoder's
     if est.weights_dtype == "auto" and not any("quantized" in p.note or "GGUF" in p.note for p in est.parts):
         for wd in ("fp8", "int8"):
-            alt = estimate(plan, settings, device=est.device, dtype=est.dtype, weights_dtype=wd,
-                           release_text_encoder=est.text_encoder_released)
-            out.append((f'model.weights_dtype = "{wd}"', alt.peak))
+            change = {"weights_dtype": wd, "stream_blocks": None}
+            out.append((f'model.weights_dtype = "{wd}"', alt(**change)))
+            dit.append((out[-1][0], change))
     if not est.text_encoder_released:
-        alt = estimate(plan, settings, device=est.device, dtype=est.dtype, weights_dtype=est.weights_dtype,
-                       release_text_encoder=True, stream_blocks=False)
-        out.append(('model.offload = "text-encoder"', alt.peak))
+        out.append(('model.offload = "text-encoder"', alt(release_text_encoder=True, stream_blocks=False)))
     if not est.blocks_streamed:
-        alt = estimate(plan, settings, device=est.device, dtype=est.dtype, weights_dtype=est.weights_dtype,
-                       release_text_encoder=True, stream_blocks=True)
-        out.append(('model.offload = "blocks"', alt.peak))
+        change = {"release_text_encoder": True, "stream_blocks": True}
+        out.append(('model.offload = "blocks"', alt(**change)))
+        dit.append((out[-1][0], change))
+    te_quantized = any(p.name == "text encoder weights" and "quantized" in p.note for p in est.parts)
+    if est.text_encoder_weights_dtype == "auto" and not te_quantized:
+        singles = dict(out)
+        for wd in ("fp8", "int8"):
+            te = f'model.text_encoder_weights_dtype = "{wd}"'
+            if _text_encoder_in_peak(est):  # its weights are on the device at the peak
+                out.append((te, alt(text_encoder_weights_dtype=wd)))
+            for name, change in dit:
+                if name.endswith('"int8"') != (wd == "int8"):
+                    continue  # pair fp8 with fp8 and int8 with int8: one line each
+                peak = alt(**change, text_encoder_weights_dtype=wd)
+                if peak < min(singles[name], dict(out).get(te, est.peak)):
+                    out.append((f"{name} and {te}", peak))
     return sorted((a for a in out if a[1] < est.peak), key=lambda a: a[1])
 
 

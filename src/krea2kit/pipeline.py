@@ -44,7 +44,7 @@ class Record:
     """What happened to one image; ``--json`` prints one of these per line."""
 
     index: int
-    status: str  # "ok" | "blocked"
+    status: str  # "ok" | "blocked" | "dropped" ([diversity] keep: rendered and scored, not written)
     path: str | None
     prompt: str | None
     negative: str | None
@@ -61,12 +61,25 @@ class Record:
     sha256: str | None = None
     variation_seed: int | None = None  # [variation]: the second seed and how far toward its noise
     variation_strength: float | None = None
+    # [expander]: the prompt as written (``prompt`` is the expanded text that was encoded) and
+    # how it was expanded ({backend, identity, source, ...}); None when not expanded
+    original_prompt: str | None = None
+    expansion: dict | None = None
     blocked_by: list[str] = field(default_factory=list)
     verdicts: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # [diversity]: the batch's scores and this image's place in them (krea2kit.diversity);
+    # left out of the JSON when the run has no [diversity] table
+    diversity: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data.get("diversity") is None:
+            data.pop("diversity", None)
+        if data.get("expansion") is None:  # [expander]: only for a prompt it expanded (or tried to)
+            data.pop("expansion", None)
+            data.pop("original_prompt", None)
+        return data
 
 
 def pick_device(requested: str) -> str:
@@ -112,6 +125,11 @@ class Pipeline:
         self.registry = registry
         self._parts: dict[tuple, Any] = {}
         self.identities: dict[str, dict[str, Any]] = {}  # role -> what was loaded (for metadata)
+        # Set by a runner that filters and writes images in stages of its own (krea2kit.jobs.work,
+        # the Ray plugin): called as image_handoff(plan, job, record, image, filters) once an
+        # image is decoded, instead of the image filters and the writer; what it returns is
+        # yielded by run() in place of the Record.
+        self.image_handoff: Callable[..., Any] | None = None
 
     # -- parts -------------------------------------------------------------
     def part(self, plan: Plan, role: str, *, device: str, dtype: str, events: Events) -> Any:
@@ -170,6 +188,41 @@ class Pipeline:
                            "values or are not the model they should be; nothing was written",
                            file=weights, key=f"model.weights.{role}", hint=hint)
 
+    def record_quant_compute(self, role: str, used: set[str]) -> None:
+        """Record beside the storage layout in the images' metadata the compute path(s) the
+        quantized layers of ``role`` took in this run (model.quant_compute and the device
+        decide: krea2kit.models.quant.linear); the part's identity names the load-time default."""
+        import re
+
+        from krea2kit.models.quant.linear import describe_paths
+
+        entry = self.identities.get(role)
+        if entry is None or not used:
+            return
+        entry["compute"] = describe_paths(used)
+        if isinstance(entry.get("identity"), str):
+            entry["identity"] = re.sub(r"\bcompute=\S+", f"compute={entry['compute']}", entry["identity"])
+
+    def load_expander(self, plan: Plan, *, device: str, dtype: str) -> Any:
+        """The recipe's ``[expander] backend`` (:class:`krea2kit.contracts.PromptExpander`). A
+        backend that ``needs`` weights gets the run's text encoder location (the user config's
+        ``expander.weights`` overrides it); an endpoint comes from ``context.settings`` only."""
+        from krea2kit.expander.jobs import section
+
+        registry = self.registry
+        if registry is None:
+            from krea2kit.plugins import get_host
+
+            registry = get_host().registry
+        descriptor = registry.get("prompt_expander", section(plan.recipe).backend, key="expander.backend")
+        location = ""
+        if getattr(descriptor, "needs", "") == "weights" and not self.settings.expander.weights:
+            location, _ = locate_weights(plan.model, "text_encoder", plan.weights.get("text_encoder"), self.settings)
+        context = LoadContext(role="prompt_expander", name=descriptor.name, location=str(location), device=device,
+                              dtype=dtype, settings=self.settings,
+                              plugin_options=plan.plugin_options.get(descriptor.plugin))
+        return require_protocol(descriptor, descriptor.load_part(None, context))
+
     def release(self, role: str) -> None:
         for key in [k for k in self._parts if k[2].role == role]:
             del self._parts[key]
@@ -190,16 +243,42 @@ class Pipeline:
         dtype_name = pick_dtype(recipe.model.dtype if recipe.model.dtype != "auto" else (self.settings.dtype or "auto"), device)
         dtype = getattr(torch, dtype_name)
         check_load_signatures(plan)  # a part that cannot be loaded is named before any weights load
+        diversity_part = self._diversity_part(plan)  # [diversity]: an unknown embedder is exit 2, before loading
+        from krea2kit.models.quant.linear import quant_compute
+
+        if recipe.model.quant_compute == "scaled-mm" and device.split(":")[0] not in ("cpu", "cuda"):
+            from krea2kit.errors import RecipeError
+
+            raise RecipeError(f'"scaled-mm" needs a CUDA GPU or the CPU; {device} has no fp8/int8 matmul',
+                              file=str(plan.loaded.path) if plan.loaded.path else None,
+                              key="model.quant_compute", hint='use "auto" or "dequantize"')
         if not self._parts:  # parts already loaded hold device memory the estimate would count twice
             from krea2kit.memory import preflight
 
             preflight(plan, self.settings, device=device, dtype=dtype_name,
                       warn=lambda message: events("warning", message=message))
+        embedder = None
+        if diversity_part is not None and self.image_handoff is None:
+            # before the model: an embedder without its weights stops the run before minutes of loading
+            embedder = self._embedder(plan, *diversity_part, device=device, events=events)
         filters = FilterSet(plan, self.settings, run_id=run_id, events=events)
         outputs = OutputPlanner(plan)
 
+        # 0. [expander]: prompts filtered as written, then expanded (krea2kit.expander.jobs); the
+        #    expanded text is what step 1 filters and step 2 encodes.
+        blocked_originals: dict[int, Any] = {}
+        from krea2kit.expander.jobs import active as expander_active
+
+        if expander_active(plan):
+            from krea2kit.expander.jobs import expand_jobs
+
+            blocked_originals = expand_jobs(
+                plan, self.settings, filters, events=events,
+                load_backend=lambda: self.load_expander(plan, device=device, dtype=dtype_name))
+
         # 1. Prompt filters on everything that reaches the text encoder.
-        blocked_prompts = filters.check_prompts(plan.jobs)
+        blocked_prompts = filters.check_prompts([j for j in plan.jobs if j.index not in blocked_originals])
+        blocked_prompts.update(blocked_originals)
 
         # 2. Encode every prompt (and negative) first; the encoder can then be freed.
         use_cfg = plan.guidance > 0
@@ -216,7 +295,9 @@ class Pipeline:
             encoder = self.part(plan, "text_encoder", device=device, dtype=dtype_name, events=events)
             start = time.perf_counter()
             events("stage", stage="encode", total=len(unique))
-            hidden, mask = encoder.encode(unique)
+            with quant_compute(recipe.model.quant_compute) as quant_paths:  # model.quant_compute
+                hidden, mask = encoder.encode(unique)
+            self.record_quant_compute("text_encoder", quant_paths)
             self.require_finite(plan, hidden, "text_encoder", "the prompt encodings")
             for note in encoder.take_warnings():
                 events("warning", message=note)
@@ -239,6 +320,14 @@ class Pipeline:
         sampler_fn = self.small_part(plan, "sampler",
                                      sampler_model.model_validate(plan.sampler_options) if sampler_model else None)
         writer = self.small_part(plan, "writer", None)
+        diversity = None
+        if diversity_part is not None and unique:
+            from krea2kit.diversity import DiversityRun
+
+            if self.image_handoff is not None:  # a runner that writes images itself selects nothing
+                events("warning", message="[diversity] is not applied by this runner: every image is written")
+            else:
+                diversity = DiversityRun(plan, *diversity_part)
         adapters = None
         if dit is not None and recipe.loras:
             from krea2kit.runtime.loras import attach_recipe_loras
@@ -249,9 +338,19 @@ class Pipeline:
             for job in plan.jobs:
                 if job.index in blocked_prompts:
                     yield self._blocked_record(plan, job, run_id, blocked_prompts[job.index])
-                    continue
-                yield self._generate(plan, job, run_id, dit, vae, sampler_fn, writer, conds, adapters,
-                                     filters, outputs, device, dtype, encode_s / max(len(plan.jobs), 1), events)
+                elif diversity is None:
+                    yield self._generate(plan, job, run_id, dit, vae, sampler_fn, writer, conds, adapters,
+                                         filters, outputs, device, dtype, encode_s / max(len(plan.jobs), 1), events)
+                else:  # [diversity]: held in memory until its prompt's batch is complete
+                    done = self._generate(plan, job, run_id, dit, vae, sampler_fn, writer, conds, adapters, filters,
+                                          outputs, device, dtype, encode_s / max(len(plan.jobs), 1), events,
+                                          defer=True)
+                    if isinstance(done, Record):  # blocked by an image filter: final, never part of the batch
+                        yield done
+                    else:
+                        diversity.add(job, *done)
+                if diversity is not None and diversity.ends_batch(job):
+                    yield from self._finish_batch(diversity, embedder, writer, outputs, events)
         finally:
             if adapters is not None:
                 adapters.detach()
@@ -266,6 +365,7 @@ class Pipeline:
             guidance_convention=plan.recipe.sampler.convention, mu=mu, run_id=run_id,
             variation_seed=job.variation_seed,
             variation_strength=job.variation_strength if job.variation_seed is not None else None,
+            **_expansion_fields(job, include),
         )
 
     def _blocked_record(self, plan: Plan, job: Job, run_id: str, decision: Any) -> Record:
@@ -277,7 +377,9 @@ class Pipeline:
         return record
 
     def _generate(self, plan, job, run_id, dit, vae, sampler_fn, writer, conds, adapters, filters, outputs,
-                  device, dtype, encode_share, events) -> Record:
+                  device, dtype, encode_share, events, defer: bool = False) -> Record:
+        """Render, filter and write one image. ``defer`` ([diversity]): instead of writing it,
+        return ``(record, image, info)`` for :meth:`_finish_batch` (a blocked image's Record as usual)."""
         import torch
 
         from krea2kit import sampling
@@ -302,6 +404,12 @@ class Pipeline:
         uncond = conds[job.negative] if plan.guidance > 0 else None
         denoise = dit.make_denoiser(cond, uncond, guidance=plan.guidance,
                                     latent_size=(height // contract.factor, width // contract.factor))
+        references = None
+        if plan.recipe.references:  # [[references]]: their tokens ride along every model call (krea2kit.references)
+            from krea2kit.references.conditioning import prepare as prepare_references
+
+            denoise, references = prepare_references(self, plan, job, dit, vae, denoise, (width, height), device,
+                                                     dtype, start_step=skip)
         sigmas = sampling.flow_sigmas(plan.steps, mu)
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
         # [init]: start `skip` steps into the schedule from the encoded picture (same noise per seed)
@@ -315,6 +423,8 @@ class Pipeline:
             # the sampler calls back after step `step`; the next model call is step + 1 (of the full schedule)
             if adapters is not None and skip + step + 1 < plan.steps:
                 adapters.set_step(skip + step + 1, plan.steps)
+            if references is not None and skip + step + 1 < plan.steps:
+                references.set_step(skip + step + 1, plan.steps)
             events("step", job=job, step=step + 1, total=total)
 
         if adapters is not None:
@@ -323,8 +433,12 @@ class Pipeline:
             if len(sigmas) < 2:  # strength 0: no step left, the picture itself
                 latents = x_start
             else:
-                latents = sampler_fn(denoise, x_start, sigmas, generator=generator, callback=on_step,
-                                     **plan.sampler_options)
+                from krea2kit.models.quant.linear import quant_compute
+
+                with quant_compute(plan.recipe.model.quant_compute) as quant_paths:  # model.quant_compute
+                    latents = sampler_fn(denoise, x_start, sigmas, generator=generator, callback=on_step,
+                                         **plan.sampler_options)
+                self.record_quant_compute("dit", quant_paths)
             if init is not None and init[1] is not None:  # a sampler may call back with a copy: blend once more
                 latents = sampling.inpaint_blend(latents, init[0], noise, init[1], 0.0)
             self.require_finite(plan, latents, "dit", f"the latent of image {job.index}")
@@ -339,6 +453,9 @@ class Pipeline:
                 decoded = init[3] * decoded + (1.0 - init[3]) * init[2]
         image = sampling.to_pixels(decoded, size=(job.width, job.height))[0]
         timings["decode"] = time.perf_counter() - start
+        if self.image_handoff is not None:
+            record.timings = {k: round(v, 4) for k, v in timings.items()}
+            return self.image_handoff(plan, job, record, image, filters)
 
         start = time.perf_counter()
         decision = filters.check_image(job, image)
@@ -353,6 +470,10 @@ class Pipeline:
         start = time.perf_counter()
         info = outputs.info(job, record, parts=self.identities, filters=filters, image_decision=decision,
                             settings=self.settings)
+        if defer:
+            timings["write"] = time.perf_counter() - start
+            record.timings = {k: round(v, 4) for k, v in timings.items()}
+            return record, image, info
         written = outputs.write(job, writer, image, info)  # claims a free name atomically
         timings["write"] = time.perf_counter() - start
         record.path = str(written)
@@ -360,6 +481,67 @@ class Pipeline:
         record.timings = {k: round(v, 4) for k, v in timings.items()}
         events("job_end", record=record)
         return record
+
+    # -- [diversity] ---------------------------------------------------------
+    def _diversity_part(self, plan: Plan) -> tuple[Any, Any] | None:
+        """The ``[diversity]`` embedder's descriptor and options (``None`` without the table)."""
+        if plan.recipe.diversity is None:
+            return None
+        from krea2kit.diversity import resolve_embedder
+
+        registry = self.registry
+        if registry is None:
+            from krea2kit.plugins import get_host
+
+            registry = get_host().registry
+        return resolve_embedder(plan, registry)
+
+    def _embedder(self, plan: Plan, descriptor: Any, options: Any, *, device: str, events: Events) -> Any:
+        """The embedder part, loaded once per descriptor, options and device."""
+        context = LoadContext(role="embedder", name=descriptor.name, device=device, dtype="float32",
+                              settings=self.settings, plugin_options=plan.plugin_options.get(descriptor.plugin))
+        key = (descriptor.plugin, descriptor.name, context, repr(options))
+        if key not in self._parts:
+            where = "its plugin's options" if getattr(descriptor, "needs_weights", False) else "built in, no weights"
+            events("load", role="embedder", name=descriptor.name, location=where, found_by="[diversity]")
+            start = time.perf_counter()
+            self._parts[key] = require_protocol(descriptor, descriptor.load_part(options, context))
+            events("loaded", role="embedder", name=descriptor.name, seconds=time.perf_counter() - start)
+        return self._parts[key]
+
+    def _finish_batch(self, diversity: Any, embedder: Any, writer: Any, outputs: Any,
+                      events: Events) -> Iterator[Record]:
+        """Embed and score a complete batch; write the kept images (scores in their metadata),
+        mark the others ``dropped`` (never written); yield every record in job order."""
+        from krea2kit.diversity import summary_line
+
+        start = time.perf_counter()
+        results = diversity.finish(embedder)
+        if not results:
+            return
+        share = (time.perf_counter() - start) / len(results)
+        events("diversity", message=summary_line([r[4] for r in results], [r[0] for r in results]))
+        for job, record, image, info, report in results:
+            record.diversity = report
+            record.timings = {**record.timings, "diversity": round(share, 4)}
+            if not report["selected"]:
+                record.status = "dropped"
+                events("job_end", record=record)
+                yield record
+                continue
+            meta = info.metadata.krea2kit
+            if isinstance(meta, dict) and "recipe" in meta:  # metadata on: the scores travel with the image
+                meta["diversity"] = {k: v for k, v in report.items() if k != "selected"}
+                # the image's own recipe renders this one image: batch selection does not apply to it
+                if isinstance(meta["recipe"], dict):
+                    meta["recipe"].pop("diversity", None)
+            started = time.perf_counter()
+            written = outputs.write(job, writer, image, info)  # claims a free name atomically
+            record.path = str(written)
+            record.sha256 = hashlib.sha256(Path(written).read_bytes()).hexdigest()
+            record.timings["write"] = round(record.timings.get("write", 0.0) + time.perf_counter() - started, 4)
+            events("job_end", record=record)
+            yield record
 
     def _init_latents(self, plan: Plan, job: Job, vae: Any, size: tuple[int, int], device: str,
                       dtype: Any) -> tuple[Any, Any, Any, Any]:
@@ -458,6 +640,14 @@ def check_text_fits(plan: Plan, dit: Any, conds: dict[str, Any]) -> None:
             key="model.weights.text_encoder",
             hint="use the text encoder this transformer was trained with (Krea 2: Qwen3-VL-4B-Instruct)",
         )
+
+
+def _expansion_fields(job: Job, include_prompt: bool) -> dict[str, Any]:
+    if job.expansion is None:
+        return {}
+    from krea2kit.expander.jobs import record_fields
+
+    return record_fields(job, include_prompt=include_prompt)
 
 
 def plugin_versions(host) -> dict[str, str]:

@@ -206,6 +206,33 @@ class WriterDescriptor(Descriptor):
 
 
 @dataclass(frozen=True)
+class PromptExpanderDescriptor(Descriptor):
+    """A prompt expander backend, named by a recipe's ``[expander] backend``. ``needs`` says
+    what it talks to ("endpoint", "weights"), for the listing only."""
+
+    kind: ClassVar[str] = "prompt_expander"
+    needs: str = ""
+
+
+@dataclass(frozen=True)
+class EmbedderDescriptor(Descriptor):
+    """An image embedder for diversity scores, named by a recipe's ``[diversity] embedder``.
+    ``needs_weights``: it loads weights the user must point at (its ``load`` raises a
+    ``WeightsError`` naming the option when none is given; ``plugins --check`` then skips it)."""
+
+    kind: ClassVar[str] = "embedder"
+    needs_weights: bool = False
+
+
+@dataclass(frozen=True)
+class RunnerDescriptor(Descriptor):
+    """A job runner, selected by ``krea2kit run --on NAME``; ``options`` is the schema of its
+    ``--runner-opt KEY=VALUE`` settings (``--address`` is the option ``address``)."""
+
+    kind: ClassVar[str] = "runner"
+
+
+@dataclass(frozen=True)
 class OptionsDescriptor(Descriptor):
     """The schema of a plugin's ``[plugins.<name>]`` table; ``name`` is the table name."""
 
@@ -223,6 +250,9 @@ HOOK_KINDS: dict[str, type[Descriptor]] = {
     "register_sliders": SliderDescriptor,
     "register_filters": FilterDescriptor,
     "register_writers": WriterDescriptor,
+    "register_embedders": EmbedderDescriptor,
+    "register_prompt_expanders": PromptExpanderDescriptor,
+    "register_runners": RunnerDescriptor,
     "register_options": OptionsDescriptor,
 }
 KINDS: dict[str, type[Descriptor]] = {cls.kind: cls for cls in HOOK_KINDS.values()}

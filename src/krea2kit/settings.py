@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 ENV_CONFIG = "KREA2KIT_CONFIG"
 ENV_CACHE = "KREA2KIT_CACHE_DIR"
@@ -70,12 +70,32 @@ class SafetySettings(_Strict):
 class CacheSettings(_Strict):
     dir: str | None = None
     prompt_embeddings: bool = True
+    prompt_expansions: bool = Field(True, description="Keep [expander] answers in the cache folder, so re-runs "
+                                                      "are deterministic and need no endpoint")
 
 
 class MetadataSettings(_Strict):
     local_paths: bool = Field(
         False, description="Record the absolute local paths of weights and LoRA files in image metadata "
                            "(default: file names and hashes only, so a shared image reveals no local folders)")
+
+
+class ExpanderSettings(_Strict):
+    """Where the prompt expander backends talk to. Only here (or in the environment), never in
+    a recipe: a recipe someone sends you cannot point your prompts at their server or read your
+    key. Environment variables win: ``KREA2KIT_EXPANDER_BASE_URL`` / ``_MODEL`` / ``_API_KEY``,
+    then these keys, then the common ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``."""
+
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 "
+                                                   "(llama.cpp server), http://127.0.0.1:11434/v1 (Ollama)")
+    model: str | None = Field(None, description="Model name sent to the endpoint")
+    # SecretStr: `krea2kit config` and any dump of the settings show ********** instead of the key.
+    api_key: SecretStr | None = Field(None, description="Bearer key for the endpoint (sent only to base_url)")
+    connect_timeout: float = Field(10.0, gt=0, le=600, description="Seconds to wait for the endpoint to accept")
+    timeout: float = Field(120.0, gt=0, le=3600, description="Seconds the whole answer may take")
+    weights: str | None = Field(None, description="transformers backend: the Qwen3-VL-4B-Instruct folder "
+                                                  "(default: the text encoder folder of the run's model)")
+    device: str | None = Field(None, description="transformers backend: device (default: the run's)")
 
 
 class Settings(_Strict):
@@ -86,6 +106,7 @@ class Settings(_Strict):
     safety: SafetySettings = Field(default_factory=SafetySettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     metadata: MetadataSettings = Field(default_factory=MetadataSettings)
+    expander: ExpanderSettings = Field(default_factory=ExpanderSettings)
 
     path: str | None = Field(None, exclude=True)
 

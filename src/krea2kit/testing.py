@@ -17,6 +17,12 @@ with its options schema's defaults) and given a tiny input:
 * slider: strengths at 0 from the descriptor's ``check_options``;
 * filter: a benign prompt or a small gray image must come back as an allowing ``Verdict``;
 * writer: write an 8x8 gray image into a temporary folder.
+* prompt expander: expand a benign prompt (greedy, 64 tokens) into a non-empty string; one
+  whose endpoint or weights the user config does not give is skipped, with the reason.
+* embedder: embed three small images of different sizes: unit rows of its ``dim``, the same
+  row for the same image alone or in a batch (one that needs weights nobody gave is skipped).
+* runner: its ``name`` is a string and ``run`` takes ``(job, items, *, session, events)``
+  (not run: that would render a job; a plugin's own tests run a job on it).
 
 Parts that need weights (transformer, text encoder, VAE) are checked with the weights of a
 registered model preset that ships them (the nano presets do), or with ``location=``;
@@ -317,6 +323,78 @@ def _run_writer(writer: Any) -> str:
         return f"wrote an 8x8 image as {written.name} ({written.stat().st_size} bytes)"
 
 
+def _check_images() -> list:
+    """Three small RGB images of different sizes and content for an embedder."""
+    from PIL import Image, ImageDraw
+
+    flat = Image.new("RGB", (32, 32), (128, 128, 128))
+    shape = Image.new("RGB", (48, 40), (255, 255, 255))
+    ImageDraw.Draw(shape).ellipse((4, 4, 30, 30), fill=(220, 30, 30))
+    stripes = Image.new("RGB", (40, 40), (0, 0, 0))
+    draw = ImageDraw.Draw(stripes)
+    for x in range(0, 40, 8):
+        draw.rectangle((x, 0, x + 3, 39), fill=(30, 60, 220))
+    return [flat, shape, stripes]
+
+
+def _run_embedder(embedder: Any) -> str:
+    import torch
+
+    dim = embedder.dim
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise _Failed(f"dim is {dim!r}, not a positive int")
+    if not isinstance(embedder.name, str) or not embedder.name:
+        raise _Failed(f"name is {embedder.name!r}, not a non-empty string (it is recorded with the scores)")
+    images = _check_images()
+    with _no_grad():
+        batch = embedder.embed(images)
+        alone = embedder.embed(images[1:2])
+    _finite(batch, "the embeddings")
+    if tuple(batch.shape) != (len(images), dim):
+        raise _Failed(f"embed of {len(images)} images gave shape {tuple(batch.shape)}, expected ({len(images)}, {dim})")
+    norms = batch.float().norm(dim=1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+        raise _Failed(f"rows are not L2-normalised (lengths {[round(float(n), 4) for n in norms]})")
+    _finite(alone, "the embedding of one image")
+    err = float((alone.float().reshape(-1) - batch[1].float().reshape(-1)).abs().max()) if alone.numel() == dim else None
+    if err is None or err > 1e-3:
+        raise _Failed("an image embedded alone differs from the same image in a batch"
+                      + (f" (max difference {err:.3g})" if err is not None else f" (shape {tuple(alone.shape)})"))
+    return f"embedded 3 small images of different sizes: unit rows of {dim}, batch-independent ({embedder.name})"
+
+
+def _run_runner(runner: Any) -> str:
+    name = getattr(runner, "name", None)
+    if not isinstance(name, str) or not name:
+        raise _Failed(f"name is {name!r}, not a non-empty string")
+    return f"runner {name!r}: run(job, items, *, session, events) is callable (not run here: it renders a job)"
+
+
+def _expander_weights(registry: Any, settings: Any) -> tuple[str, str, bool] | None:
+    """A local expander runs on the language model beside the text encoder: the default model's."""
+    from krea2kit.locate import locate_weights
+    from krea2kit.recipe.plan import DEFAULT_MODEL
+
+    if registry is None:
+        return None
+    try:
+        location, _ = locate_weights(registry.get("model", DEFAULT_MODEL), "text_encoder", None, settings)
+    except Exception:
+        return None
+    return str(location), "", False
+
+
+def _run_prompt_expander(expander: Any) -> str:
+    identity = getattr(expander, "identity", None)
+    if not isinstance(identity, str) or not identity:
+        raise _Failed(f"identity is {identity!r}, not a non-empty string (it keys the expansion cache)")
+    text = expander.expand(BENIGN_PROMPT, system_prompt="Describe the picture in one sentence.", seed=0,
+                           temperature=0.0, max_tokens=64)
+    if not isinstance(text, str) or not text.strip():
+        raise _Failed(f"expand returned {text!r}, not a non-empty string")
+    return f"expanded a benign prompt into {len(text)} characters ({identity})"
+
+
 def _check_model(preset: Any, registry: Any) -> str:
     if registry is None:
         return "preset (not checked without a registry)"
@@ -371,6 +449,10 @@ def check_part(descriptor: Any, *, registry: Any = None, settings: Any = None, l
         context = LoadContext(role=kind, name="check" if kind == "slider" else name, settings=settings,
                               plugin_options=_plugin_options(registry, descriptor.plugin))
         borrowed = False
+        if kind == "prompt_expander" and getattr(descriptor, "needs", "") == "weights" and part is None:
+            found = (location, config, False) if location else _expander_weights(registry, settings)
+            context = LoadContext(role=kind, name=name, location=found[0] if found else "", settings=settings,
+                                  plugin_options=context.plugin_options)
         if kind in LOADS_WEIGHTS and part is None:
             found = (location, config, False) if location else _weights_for(descriptor, registry, settings)
             if found is None:
@@ -381,6 +463,16 @@ def check_part(descriptor: Any, *, registry: Any = None, settings: Any = None, l
         try:
             loaded = part if part is not None else descriptor.load_part(options, context)
         except Exception as exc:
+            from krea2kit.errors import Krea2kitError, WeightsError
+
+            if kind == "prompt_expander" and isinstance(exc, Krea2kitError):
+                # its endpoint or weights come from the user config, which does not give them
+                return result(SKIP, f"not set up here: {getattr(exc, 'message', None) or exc}")
+
+            if kind == "embedder" and getattr(descriptor, "needs_weights", False) and isinstance(exc, WeightsError):
+                # the user gave it no weights (it never downloads any): nothing to check
+                where = f" (set {exc.key})" if getattr(exc, "key", None) else ""
+                return result(SKIP, f"needs weights: {getattr(exc, 'message', None) or exc}{where}")
             if not borrowed:
                 raise
             message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
@@ -403,6 +495,9 @@ def check_part(descriptor: Any, *, registry: Any = None, settings: Any = None, l
             "slider": lambda: _run_slider(loaded, context),
             "filter": lambda: _run_filter(loaded, getattr(descriptor, "target", "image")),
             "writer": lambda: _run_writer(loaded),
+            "prompt_expander": lambda: _run_prompt_expander(loaded),
+            "embedder": lambda: _run_embedder(loaded),
+            "runner": lambda: _run_runner(loaded),
         }[kind]()
         return result(OK, detail + (" (with the default model's weights)" if borrowed else ""))
     except _Failed as exc:

@@ -213,3 +213,16 @@ def test_quantizing_a_block_of_rows_at_a_time_equals_the_whole_tensor(monkeypatc
     else:  # the fp32 ConvRot matmul rounds by the row count (BLAS blocking): an ulp, whole or not
         torch.testing.assert_close(got["weight_scale"], whole._params.scale.float(), rtol=1e-6, atol=0)
         assert (got["qweight"].int() - whole._qdata.int()).abs().max() <= 1
+
+
+def test_prompt_cache_keys_follow_the_quant_compute_path():
+    from krea2kit.models.quant.linear import quant_compute
+
+    full = load_text_encoder(NANO_TE_DIR, taps=TAPS, dtype=torch.float32)
+    quantized = load_text_encoder(NANO_TE_DIR, taps=TAPS, dtype=torch.float32, weights_dtype="int8")
+    with quant_compute("dequantize"):
+        dequantize = quantized.cache_key("a cat"), full.cache_key("a cat")
+    with quant_compute("scaled-mm"):  # other bits: never served the other path's embeddings
+        scaled = quantized.cache_key("a cat"), full.cache_key("a cat")
+    assert dequantize[0] != scaled[0] and dequantize[0] != dequantize[1]
+    assert dequantize[1] == scaled[1]  # a full-precision tower has one path: its cache stays shared

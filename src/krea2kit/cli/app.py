@@ -18,6 +18,7 @@ Exit codes:
   2    usage or recipe error (found before any weights load)
   3    at least one prompt or image was blocked by a content filter
   4    weights missing, corrupt or not the expected model
+  5    the prompt expander's model gave no usable answer
   130  interrupted (Ctrl-C); finished images are kept, no partial file
   141  stdout was closed by its reader (e.g. | head -1); the run stopped at once
   143  terminated (SIGTERM); handled like Ctrl-C"""
@@ -73,7 +74,10 @@ STDIN_PROMPTS_HELP = """\b
                          and optionally negative, seed, count, width, height, name,
                          checked like a [[prompts]] entry; anything else in it is an error
   any other line         one prompt, exactly as written ('#' starts no comment)
-A prompt that itself starts with '{' is given as a record: {"prompt": "{...}"}."""
+A prompt that itself starts with '{' is given as a record: {"prompt": "{...}"}.
+--prompts FILE|- runs a batch job instead (README "Batch jobs"): the same JSON records
+(plus steps, guidance), kohya-style --n/--w/--h/--d/--l/--s lines, and '#' lines are
+comments there; finished images are skipped on a re-run (the manifest in output.dir)."""
 
 
 def _read_stdin_prompts() -> list:
@@ -97,9 +101,24 @@ def _read_stdin_prompts() -> list:
 @click.option("--dry-run", is_flag=True, help="Validate and list the images that would be made; load nothing.")
 @click.option("--sweep", "sweeps", multiple=True, metavar="NAME=A:B:N",
               help="Render the same seed across N values of slider NAME from A to B, plus a contact sheet.")
+@click.option("--prompts", "job_prompts", metavar="FILE|-",
+              help="Run a batch job: one image per line of FILE ('-' = stdin; text, JSON lines or kohya-style "
+                   "--n/--w/--h/--d/--l/--s lines; '#' lines are comments), resumable via a manifest.")
+@click.option("--on", "runner", metavar="RUNNER",
+              help="Where a batch job renders: local (default) or a runner plugin's, e.g. ray.")
+@click.option("--address", metavar="ADDRESS", help="The runner's cluster address (--on ray: the Ray address).")
+@click.option("--runner-opt", "runner_opts", multiple=True, metavar="KEY=VALUE",
+              help="A runner option, typed like TOML (repeatable), e.g. --runner-opt workers=2.")
+@click.option("--keep-diverse", "keep_diverse", type=click.IntRange(min=1), metavar="K",
+              help="Render every image, write only the K most diverse of each prompt's (the same as "
+                   "--set diversity.keep=K; scores in --json and the metadata).")
+@click.option("--no-expander-cache", "no_expander_cache", is_flag=True,
+              help="[expander]: ask the model again instead of using a cached or recorded expansion (the "
+                   "same as --set expander.cache=\"refresh\"); the new answer is cached.")
 @with_verbosity
 @click.pass_context
-def run(ctx, recipe, overrides, prompts, as_json, dry_run, sweeps, quiet, verbose):
+def run(ctx, recipe, overrides, prompts, as_json, dry_run, sweeps, quiet, verbose, keep_diverse=None,
+        job_prompts=None, runner=None, address=None, runner_opts=(), no_expander_cache=False):
     """Generate the images a RECIPE describes.
 
     RECIPE is a TOML file, '-' for stdin, or an image krea2kit wrote: its embedded
@@ -115,12 +134,19 @@ def run(ctx, recipe, overrides, prompts, as_json, dry_run, sweeps, quiet, verbos
     from krea2kit.cli.run_cmd import run_command
 
     out = make_output(ctx, quiet, verbose)
+    if no_expander_cache:  # [expander] cache = "refresh" (krea2kit.expander.jobs), after the user's own --set
+        overrides = (*overrides, 'expander.cache="refresh"')
+    if keep_diverse is not None:  # [diversity] keep (krea2kit.diversity), after the user's own --set
+        overrides = (*overrides, f"diversity.keep={keep_diverse}")
+    if job_prompts == "-" and (recipe == "-" or "-" in prompts):
+        raise UsageError("stdin can hold only one of the recipe, --prompt - and --prompts -", key="--prompts")
     if "-" in prompts:
         if recipe == "-":
             raise UsageError("stdin cannot hold both the recipe and the prompts", key="--prompt")
         prompts = tuple(p for p in prompts if p != "-") + tuple(_read_stdin_prompts())
     code = run_command(out, recipe, list(overrides), list(prompts), as_json=as_json, dry_run=dry_run,
-                       sweeps=list(sweeps))
+                       sweeps=list(sweeps), job_prompts=job_prompts, runner=runner, runner_opts=tuple(runner_opts),
+                       address=address)
     ctx.exit(code)
 
 
@@ -200,7 +226,23 @@ def recipe_check(ctx, file, overrides):
     from krea2kit.cli.run_cmd import load_and_report
 
     out: Output = ctx.obj
-    plan = Session().plan(load_and_report(out, file, list(overrides)))
+    from krea2kit.cli.train_cmd import check_training_recipe  # schema = "krea2kit.train/1" (krea2kit train)
+
+    if check_training_recipe(out, file, list(overrides)):
+        return
+    session, loaded = Session(), load_and_report(out, file, list(overrides))
+    from krea2kit.jobs import build_job, job_source
+
+    source, base = job_source(loaded, None)
+    if source is not None:  # a [job] recipe (krea2kit.jobs): its prompt file is checked line by line too
+        job = build_job(session, loaded, source, base=base)
+        out.info(f"ok: {loaded.path}: a job of {job.spec.size} image(s) from {source} with {job.plans[0].model.name}")
+        return
+    plan = session.plan(loaded)
+    if plan.recipe.diversity is not None:  # the [diversity] embedder and its options (krea2kit.diversity)
+        from krea2kit.diversity import resolve_embedder
+
+        resolve_embedder(plan, session.host.registry)
     out.info(f"ok: {plan.loaded.path}: {len(plan.jobs)} image(s) with {plan.model.name}, "
              f"{plan.recipe.sampler.name} {plan.steps} steps")
 
@@ -225,11 +267,14 @@ def recipe_show(ctx, file, overrides, as_json):
 
 
 @recipe.command("schema")
+@click.option("--train", "train_schema", is_flag=True, help="The training recipe's schema (krea2kit train).")
 @click.pass_context
-def recipe_schema(ctx):
+def recipe_schema(ctx, train_schema=False):
     """Print the recipe JSON Schema (for editor completion of TOML keys)."""
     from krea2kit.recipe.schema import json_schema
 
+    if train_schema:
+        from krea2kit.train.schema import json_schema
     ctx.obj.data(json.dumps(json_schema(), indent=2))
 
 
@@ -271,5 +316,10 @@ def config(ctx, path_only, as_json):
     out.info(hide(f"# {path} ({'exists' if path.is_file() else 'not created yet'}; ${ENV_CONFIG} overrides the location)"))
     out.data(dump_toml(data).rstrip("\n"))
 
+
+# --------------------------------------------------------------------------- train
+from krea2kit.cli.train_cmd import train  # noqa: E402  (torch-free: the trainer loads lazily)
+
+cli.add_command(train)
 
 __all__ = ["cli", "EXIT_OK", "EXIT_BLOCKED"]

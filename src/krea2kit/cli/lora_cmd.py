@@ -31,6 +31,11 @@ def inspect_cmd(file: str, as_json: bool, strict: bool) -> None:
 
     lora = open_lora(file, get_host().registry.all("lora_format"), strict=strict)
     info = lora.summary()
+    from krea2kit.train.export import training_info
+
+    training = training_info(lora.metadata)  # a LoRA `krea2kit train` wrote: how it was made
+    if training is not None:
+        info["training"] = training
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
@@ -50,6 +55,15 @@ def inspect_cmd(file: str, as_json: bool, strict: bool) -> None:
                                                 + (" ..." if info["unmatched"] > 5 else "") + ")" if info["unmatched"] else ""),
     ]
     lines += [f"note:        {n}" for n in info["notes"]]
+    if training is not None:  # text from the file: control characters escaped, one line each
+        from krea2kit.cli.console import escape_line
+
+        lines.append("training:    (krea2kit train)")
+        lines += [escape_line(f"  {k + ':':<18} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+                  for k, v in training.items() if k != "recipe"]
+        if training.get("recipe"):
+            lines.append("  recipe:")
+            lines += [f"    {escape_line(line)}" for line in str(training["recipe"]).rstrip().splitlines()]
     click.echo("\n".join(lines))
 
 

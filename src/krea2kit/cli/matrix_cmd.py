@@ -73,7 +73,7 @@ def run_matrix(out: Output, session, loaded, prompts, *, as_json: bool, dry_run:
     for plan in plans:  # one progress count and one summary for the whole matrix
         records += execute_collect(out, session, plan, as_json=as_json, total=total, summary=False)
     _summary(out, records, time.perf_counter() - started)
-    blocked = any(r.status != "ok" for r in records)
+    blocked = any(r.status == "blocked" for r in records)  # not "dropped" ([diversity] keep)
     base = plans[0]
     if base.recipe.output.sheet and not all(r.status != "ok" for r in records):
         target = _sheet(session, base, axes, cells, records, grid, where, per_cell)
@@ -86,7 +86,8 @@ def run_matrix(out: Output, session, loaded, prompts, *, as_json: bool, dry_run:
 def _sheet(session, base, axes, cells, records, grid, where, per_cell) -> Path:
     from PIL import Image
 
-    from krea2kit.cli.sweep import contact_sheet, write_sheet
+    from krea2kit.cli.sweep import write_sheet
+    from krea2kit.output.sheets import contact_sheet
 
     for rec in records:
         if rec.status == "ok":

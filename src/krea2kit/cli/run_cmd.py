@@ -101,8 +101,16 @@ class Progress:
             if rec.status == "ok":
                 self.log(f"[{rec.index + 1}/{self.total_images}] wrote {rec.path} (seed {rec.seed}, "
                          f"{sum(rec.timings.values()):.2f} s)")
+            elif rec.status == "dropped":  # [diversity] keep: rendered and scored, not among the kept
+                self.log(f"[{rec.index + 1}/{self.total_images}] not kept: less diverse (seed {rec.seed}); "
+                         "nothing written")
             else:
                 self.log(f"[{rec.index + 1}/{self.total_images}] BLOCKED by {', '.join(rec.blocked_by)} (seed {rec.seed}); nothing written")
+        elif event == "diversity":  # a [diversity] batch was scored (and thinned): one line
+            self.log(data["message"])
+        elif event == "expanded":  # [expander]: what will be encoded instead of the prompt as written
+            how = {"cache": " (cached)", "image": " (recorded in the image)"}.get(data.get("source"), "")
+            self.log(f"expanded prompt{how}: {escape_line(data['expanded'])}")
         elif event == "filter_note":
             out.debug(data["message"])
 
@@ -147,27 +155,47 @@ def load_and_report(out: Output, source: str | None, overrides: list[str]):
     if loaded.dropped:
         keys = ", ".join(loaded.dropped)
         out.warn(f"{loaded.path}: keys of the image's recipe ignored, local settings apply: {keys}")
-    for note in image_lora_mismatches(loaded) + image_init_mismatches(loaded):
+    from krea2kit.recipe.references import image_reference_mismatches
+
+    for note in image_lora_mismatches(loaded) + image_init_mismatches(loaded) + image_reference_mismatches(loaded):
         out.warn(note)
     return loaded
 
 
 def run_command(out: Output, recipe: str | None, overrides: list[str], prompts: list[str], *,
-                as_json: bool, dry_run: bool, sweeps: list[str]) -> int:
+                as_json: bool, dry_run: bool, sweeps: list[str], job_prompts: str | None = None,
+                runner: str | None = None, runner_opts: tuple[str, ...] = (), address: str | None = None) -> int:
     from krea2kit.api import Session
 
     session = Session()
+    if sweeps and (job_prompts or runner):  # batch jobs: krea2kit.jobs, cli/job_cmd.py
+        raise UsageError("--sweep cannot run as a batch job (--prompts / --on)", key="--sweep")
     if sweeps:
         from krea2kit.cli.sweep import run_sweep
 
         return run_sweep(out, session, recipe, overrides, prompts, [parse_sweep(s) for s in sweeps], as_json=as_json,
                          dry_run=dry_run)
     loaded = load_and_report(out, recipe, overrides)
+    from krea2kit.jobs import job_source
+
+    source, base = job_source(loaded, job_prompts)
+    if source is not None:  # a batch job: a prompt source, a manifest, a runner
+        from krea2kit.cli.job_cmd import run_job_command
+
+        return run_job_command(out, session, loaded, source, base=base, prompts=prompts, runner=runner,
+                               runner_opts=list(runner_opts), address=address, as_json=as_json, dry_run=dry_run)
+    if runner or runner_opts or address:
+        raise UsageError("--on, --address and --runner-opt run a batch job: give --prompts FILE (or [job] prompts)",
+                         key="--on", hint="krea2kit run RECIPE --prompts prompts.txt --on ray")
     if "matrix" in loaded.data:  # several plans, one per combination (cli/matrix_cmd.py)
         from krea2kit.cli.matrix_cmd import run_matrix
 
         return run_matrix(out, session, loaded, prompts, as_json=as_json, dry_run=dry_run)
     plan = session.plan(loaded, prompts=prompts or None)
+    if plan.recipe.diversity is not None:  # the embedder name and options, checked before anything loads
+        from krea2kit.diversity import resolve_embedder
+
+        resolve_embedder(plan, session.host.registry)
     if dry_run:
         memory = dry_run_memory(out, session, plan)
         print_dry_run(out, plan, as_json=as_json, extra={"memory": memory} if memory else None)

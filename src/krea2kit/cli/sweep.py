@@ -8,8 +8,8 @@ from pathlib import Path
 
 from krea2kit.cli.console import Output, escape_line
 from krea2kit.errors import EXIT_BLOCKED, EXIT_OK, UsageError
+from krea2kit.output.sheets import contact_sheet
 
-LABEL_HEIGHT = 14
 
 
 def _slider_index(plan, name: str) -> int:
@@ -20,35 +20,6 @@ def _slider_index(plan, name: str) -> int:
         raise UsageError(f"--sweep names slider {name!r}, which the recipe does not define" + did_you_mean(name, names),
                          key="--sweep", hint=f"recipe sliders: {', '.join(names) or 'none'}")
     return names.index(name)
-
-
-def contact_sheet(rows: list[list], labels: list[str], row_labels: list[str] | None = None):
-    """A grid of PIL images with a text label over each column (and, given ``row_labels``, one
-    left of each row; columns then widen to fit their labels so none runs into the next)."""
-    from PIL import Image, ImageDraw
-
-    cell_w = max(im.width for row in rows for im in row if im is not None)
-    cell_h = max(im.height for row in rows for im in row if im is not None)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left = 0
-    if row_labels is not None:
-        left = max((int(measure.textlength(t)) for t in row_labels), default=0) + 6
-        cell_w = max([cell_w] + [int(measure.textlength(t)) + 4 for t in labels])
-    cols = len(labels)
-    sheet = Image.new("RGB", (left + cols * cell_w, LABEL_HEIGHT + len(rows) * cell_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    for c, label in enumerate(labels):
-        draw.text((left + c * cell_w + 2, 1), label, fill="black")
-    for r, text in enumerate(row_labels or []):
-        draw.text((2, LABEL_HEIGHT + r * cell_h + cell_h // 2 - 5), text, fill="black")
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            x, y = left + c * cell_w, LABEL_HEIGHT + r * cell_h
-            if im is None:  # blocked: leave a grey cell
-                draw.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=(128, 128, 128))
-            else:
-                sheet.paste(im, (x, y))
-    return sheet
 
 
 def write_sheet(session, base, sheet, target: Path, extra: dict):

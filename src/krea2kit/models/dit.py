@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -674,6 +674,7 @@ class SingleStreamDiT(nn.Module):
         rope: Rope | None = None,
         txt_features: TextFeatures | None = None,
         pad_to: int | None = None,
+        refs: Any = None,
     ) -> Tensor:
         """Velocity for the image tokens.
 
@@ -689,6 +690,11 @@ class SingleStreamDiT(nn.Module):
             multiple of this, as the official forward does (256). Real tokens never attend
             to them, so in exact arithmetic nothing changes; in bf16 the attention kernels
             round by sequence length, so this is what reproduces the official pixels.
+        refs: reference images (:mod:`krea2kit.references`): an object whose
+            ``extend(dit, x, tvec, rope, mask)`` appends their tokens after everything else
+            and returns the sequence, per-token ``tvec``, RoPE table and attention mask to
+            use; their outputs are dropped like the padding's. ``None`` (the default) runs
+            exactly the code above, so a run without references is unchanged bit for bit.
         Returns (B, N, C*p*p) in the compute dtype.
         """
         dt = self.compute_dtype
@@ -722,6 +728,8 @@ class SingleStreamDiT(nn.Module):
             mask = torch.cat((valid, valid.new_ones(b, n), valid.new_zeros(b, extra)), dim=1)[:, None, None, :]
         if extra:
             x = torch.cat((x, x.new_zeros(b, extra, x.shape[2])), dim=1)
+        if refs is not None:  # reference tokens go last: the slice below drops them
+            x, tvec, rope, mask = refs.extend(self, x, tvec, rope, mask)
         for block in self.blocks:
             x = block(x, tvec, rope, mask)
         return self.last(x[:, txt_len:txt_len + n], t_emb)

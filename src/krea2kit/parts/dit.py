@@ -65,8 +65,8 @@ def load(options: None, context: LoadContext) -> DiTPart:
     return DiTPart(module, identity, layout=context.layout)
 
 
-#: How quantized layers compute, recorded in every image's metadata beside the storage layout.
-#: Every device takes the same portable path today (QuantLinear dequantizes one layer to the
-#: compute dtype, then a plain matmul); fp8/int8 tensor-core matmuls (torch._scaled_mm /
-#: torch._int_mm) are not wired in yet, so a CUDA run says the same.
+#: How quantized layers compute by default ("auto" on the CPU: QuantLinear dequantizes one layer
+#: to the compute dtype, then a plain matmul). The path a run actually took (model.quant_compute:
+#: fp8 torch._scaled_mm / int8 torch._int_mm where the device has them) replaces it in the
+#: images' metadata (Pipeline.record_quant_compute).
 QUANT_COMPUTE_PATH = "dequantize-per-layer"

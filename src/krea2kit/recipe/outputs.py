@@ -170,7 +170,9 @@ def name_fields(plan: Plan, job: Job) -> dict[str, Any]:
     or its prompt slug when it has none."""
     from krea2kit.output.writers import slugify
 
-    return {"index": job.index, "seed": job.seed, "prompt": job.prompt, "name": job.label or slugify(job.prompt),
+    # [expander]: names come from the prompt as written, as checked at plan time (krea2kit.expander)
+    prompt = job.expansion["original"] if job.expansion is not None else job.prompt
+    return {"index": job.index, "seed": job.seed, "prompt": prompt, "name": job.label or slugify(prompt),
             "recipe": plan.name, "model": plan.model.name, "date": datetime.now(timezone.utc).date().isoformat()}
 
 
@@ -182,6 +184,10 @@ def image_recipe(plan: Plan, job: Job) -> dict[str, Any]:
                 width=job.width, height=job.height)
     if job.variation_seed is not None:  # this image's own variation seed (seed + i resolved)
         data["variation"] = {**data["variation"], "seed": job.variation_seed}
+    if job.expansion is not None or data.get("expander"):  # the prompt as written, and whether it was expanded
+        from krea2kit.recipe.expander import image_recipe_fields
+
+        image_recipe_fields(data, job)
     if not plan.recipe.output.include_prompt:
         data.pop("prompt")
         data.pop("negative")

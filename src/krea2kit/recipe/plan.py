@@ -15,6 +15,7 @@ from krea2kit.errors import RecipeError
 from krea2kit.validation import did_you_mean, validate_model
 from krea2kit.recipe.loader import LoadedRecipe, ensure_schema_id, recorded_file
 from krea2kit.recipe.schema import EnvRef, Recipe
+from krea2kit.recipe import references as _references
 from krea2kit.registry import Descriptor, ModelDescriptor, Registry
 from krea2kit.settings import Settings
 
@@ -38,6 +39,10 @@ class Job:
     # [variation]: the noise is slerp(strength, noise(seed), noise(variation_seed)); None: plain
     variation_seed: int | None = None
     variation_strength: float = 0.0
+    # [expander]: set by the run when this prompt was expanded (krea2kit.expander.jobs): the
+    # original text, the expanded one (None: kept as written) and how; ``prompt`` then holds
+    # what is encoded. None: not expanded.
+    expansion: dict[str, Any] | None = None
 
 
 @dataclass
@@ -103,6 +108,7 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
         _replace_prompts(loaded, prompts)
     _refuse_filter_switches(loaded)
     _check_image_init(loaded)
+    _references.check_image_references(loaded)  # [[references]] an image names: given again, same files
     recipe: Recipe = validate_model(Recipe, loaded.data, file=loaded.path, provenance=loaded.provenance)
     if recipe.matrix is not None:  # one plan per combination: krea2kit.recipe.matrix.expand
         raise RecipeError("a [matrix] recipe is several runs, one per combination of its values",
@@ -113,6 +119,7 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
     jobs = _jobs(recipe, loaded, model)
     weights = {role: _env(getattr(recipe.model.weights, role), f"model.weights.{role}", loaded) for role in ROLES}
     lora_env_refs = _resolve_lora_paths(recipe, loaded)
+    _references.resolve(recipe, loaded)
     f = loaded.file_of
     parts["writer"] = registry.get("writer", recipe.output.format, key="output.format", file=f("output.format"))
     plan = Plan(recipe=recipe, loaded=loaded, model=model, parts=parts, sampler_options=sampler_options,
@@ -120,6 +127,8 @@ def plan_recipe(loaded: LoadedRecipe, registry: Registry, settings: Settings, *,
                 lora_formats=registry.all("lora_format"), lora_env_refs=lora_env_refs)
     _check_file_names(plan)
     _check_init_files(plan)
+    _check_expander(plan, registry)
+    _references.check_files(recipe, loaded.file_of)
     plan.plugin_options = _plugin_tables(recipe, loaded, registry)
     plan.slider_parts = _sliders(recipe, loaded, registry, plan.plugin_options)
     plan.filters = _filters(recipe, loaded, registry, settings)
@@ -352,6 +361,13 @@ def _check_image_init(loaded: LoadedRecipe) -> None:
         )
 
 
+def _check_expander(plan: Plan, registry: Registry) -> None:
+    """[expander]: its backend is registered and its system prompt file readable, before anything loads."""
+    from krea2kit.recipe.expander import check_plan
+
+    check_plan(plan, registry)
+
+
 def _check_init_files(plan: Plan) -> None:
     """The [init] image and mask exist and are pictures Pillow can read, within the size cap."""
     from krea2kit.recipe.init_image import check_init
@@ -378,7 +394,7 @@ def _sliders(recipe: Recipe, loaded: LoadedRecipe, registry: Registry,
         options = kind.validate_options(dict(slider.model_extra or {}), where=f"sliders[{i}]", file=where)
         part = _build_slider(kind, options, slider.name, plugin_options.get(kind.plugin), where, i)
         for bound in part.loras:
-            if bound not in lora_names:
+            if bound not in lora_names and not _references.is_slider_target(bound, recipe):  # "reference:NAME"
                 raise RecipeError(
                     f"slider {slider.name!r} is bound to LoRA {bound!r}, which is not in [[loras]]"
                     + did_you_mean(bound, lora_names),

@@ -82,6 +82,12 @@ class ModelSection(Strict):
                           "keep the transformer blocks in host memory, streaming each to the device while the one "
                           "before computes (two blocks on the device; same images, slower); 'none': keep everything "
                           "loaded (faster repeated runs in one process). Default: the preset's (Krea 2: text-encoder)")
+    quant_compute: Literal["auto", "dequantize", "scaled-mm"] = Field(
+        "auto", description="How fp8/int8 layers (quantized files or weights_dtype) compute: 'scaled-mm' multiplies "
+                            "in low precision (fp8: torch._scaled_mm with per-token activation scales, sm_89+; int8: "
+                            "torch._int_mm, sm_75+; the CPU runs both, slowly for fp8); 'dequantize' dequantizes "
+                            "one layer at a time and multiplies at model.dtype; 'auto': scaled-mm on CUDA GPUs that "
+                            "have it, dequantize elsewhere. Each image's metadata records the path taken")
 
     @field_validator("device")
     @classmethod
@@ -124,6 +130,8 @@ class PromptEntry(Strict):
     width: Size | None = None
     height: Size | None = None
     name: str | None = Field(None, description="A label for output file names: the {name} field (default: the prompt slug)")
+    expand: bool | None = Field(None, description="[expander]: expand this prompt (true) or keep it as written "
+                                                  "(false); default: expander.enabled")
 
 
 class LoraEntry(Strict):
@@ -187,6 +195,27 @@ class InitSection(Strict):
         0.0, description="Feather the mask edge by this many pixels (a Gaussian blur radius)")
 
 
+class ReferenceEntry(Strict):
+    """``[[references]]``: a picture that conditions the image (style, colour, subject) without
+    being its starting point (krea2kit.references)."""
+
+    image: str = Field(min_length=1, description="The reference picture (PNG, JPEG, WebP...); framed to the image "
+                                                 "size like [init]; relative paths start in the recipe's folder "
+                                                 "(in the current folder when given with --set)")
+    strength: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
+        1.0, description="How much the image attends to it: 0 = not used at all (bit-identical to no "
+                         "reference), 1 = as the model would, above 1 = more (a log(strength) attention bias)")
+    mode: Literal["in-context", "attention"] = Field(
+        "in-context", description="'in-context': its latent tokens join the sequence at their own RoPE frame (the "
+                                  "convention reference/edit LoRAs are trained with); 'attention': training-free, "
+                                  "its keys and values from the same blocks are added to the image's attention")
+    frame: Annotated[int, Field(ge=0, le=1024)] | None = Field(
+        None, description="RoPE frame index (the first position axis) of its tokens; default: its place in "
+                          "[[references]] + 1 (the image itself is frame 0)")
+    name: str | None = Field(None, description="Label for sliders (lora = \"reference:NAME\") and metadata "
+                                               "(default: the file stem)")
+
+
 class VariationSection(Strict):
     """Variations (AUTOMATIC1111's "variation seed"): the image's own starting noise is
     spherically interpolated toward the noise of a second seed by ``strength``."""
@@ -197,6 +226,51 @@ class VariationSection(Strict):
                          "(the image that seed would give); in between: a slerp of the two")
     per_image: bool = Field(True, description="Image i of a prompt entry uses seed + i (as seeds do); false: "
                                               "every image uses the same variation seed")
+
+
+class ExpanderSection(Strict):
+    """``[expander]``: rewrite each prompt into a fuller one with a language model before it is
+    encoded (Krea's advice for short prompts). Which server or weights it uses is the local
+    user's choice (the user config's ``[expander]``), never the recipe's."""
+
+    enabled: bool = Field(False, description="Expand every prompt (a [[prompts]] entry's expand = true/false "
+                                             "decides for that entry)")
+    backend: str = Field("openai", description="Expander backend: openai (any OpenAI-compatible chat endpoint), "
+                                               "transformers (local Qwen3-VL-4B), or a plugin's")
+    seed: Seed = Field(0, description="Sampling seed sent to the model (same seed + settings: same answer, "
+                                      "where the backend honours it)")
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = Field(
+        0.0, description="Sampling temperature; 0 = greedy (the most repeatable)")
+    max_tokens: Annotated[int, Field(ge=16, le=4096)] = Field(512, description="Longest answer, in tokens")
+    on_failure: Literal["error", "original"] = Field(
+        "error", description="When the model cannot answer: 'error' stops the run (exit 5); 'original' keeps "
+                             "the prompt as written, with a warning")
+    system_prompt: str | None = Field(None, min_length=1, description="A text file with another system prompt "
+                                                                      "(default: krea2kit's own); relative to "
+                                                                      "the current folder")
+    cache: Literal["use", "refresh"] = Field(
+        "use", description="'use': answers already in the cache (or recorded in an image being re-run) are "
+                           "taken without asking the model; 'refresh': ask again and store the new answer")
+
+
+class DiversitySection(BaseModel):
+    """``[diversity]``: score how different a prompt's images are and, with ``keep``, write only
+    the ``keep`` most diverse of them (krea2kit.diversity). Other keys are the embedder's own
+    options, checked against its schema."""
+
+    model_config = ConfigDict(extra="allow", **STRICT_TYPES)
+
+    embedder: str = Field("lab-hog", description="Embedder part: lab-hog (built in, weight-free) or a plugin's "
+                                                 "(e.g. clip, dinov2 from krea2kit-embeddings)")
+    keep: Annotated[int, Field(ge=1, le=10000)] | None = Field(
+        None, description="Of each prompt's images, write only this many, the most diverse (the others are "
+                          "rendered, scored and never written); default: write all, with their scores")
+    method: Literal["max-min", "vendi"] = Field(
+        "max-min", description="Selection: 'max-min' adds the image farthest from those kept; 'vendi' the one "
+                               "that raises the kept set's Vendi score the most (both greedy, deterministic)")
+
+    def extra_options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class MatrixSection(Strict):
@@ -217,6 +291,15 @@ class MatrixSection(Strict):
         default_factory=dict, description="Slider values by [[sliders]] name: {detail = [-1.0, 1.0]}")
 
 
+class JobSection(Strict):
+    """``[job]``: run the recipe as a batch job over a prompt file (krea2kit.jobs): one image
+    per line (times ``count``), resumable through a manifest in the output folder."""
+
+    prompts: str = Field(min_length=1, description="The prompt file: text, JSON lines or kohya-style lines, one "
+                                                   "item per line; relative to this recipe. `--prompts FILE` "
+                                                   "replaces it. Never taken from an image's recipe")
+
+
 class Recipe(Strict):
     """A whole generation run."""
 
@@ -234,12 +317,19 @@ class Recipe(Strict):
     sampler: SamplerSection = Field(default_factory=SamplerSection)
     loras: list[LoraEntry] = Field(default_factory=list)
     init: InitSection | None = Field(None, description="Image-to-image / inpainting: [init] image, strength, mask")
+    references: Annotated[list[ReferenceEntry], Field(max_length=16)] = Field(
+        default_factory=list, description="Reference images: [[references]] image, strength, mode, frame, name")
     variation: VariationSection | None = Field(None, description="Variation seed and strength (A1111 semantics)")
+    expander: ExpanderSection | None = Field(None, description="Prompt expansion with a language model: "
+                                                               "[expander] enabled, backend, seed, temperature ...")
+    diversity: DiversitySection | None = Field(
+        None, description="Diversity scores of each prompt's images; keep = K writes only the K most diverse")
     matrix: MatrixSection | None = Field(None, description="Render every combination of prompt fragments, seeds, "
                                                             "guidance, steps, LoRA strengths and slider values")
     sliders: list[SliderEntry] = Field(default_factory=list)
     safety: SafetySection = Field(default_factory=SafetySection)
     output: OutputSection = Field(default_factory=OutputSection)
+    job: JobSection | None = Field(None, description="Batch job: a prompt file rendered image by image, resumable")
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")

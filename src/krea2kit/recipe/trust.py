@@ -4,12 +4,15 @@ An image is a file from anyone. ``krea2kit run IMAGE.png`` takes from it what de
 *picture*: prompts, negative, seeds, count, sizes, the model preset and part names, dtype and
 token layout, sampler settings, sliders, LoRAs by name/strength/step range (their files by
 name and hash, never a path), the ``[init]`` strength and mask feathering (its picture and
-mask likewise by name and hash only), the ``[variation]`` seed and strength, the filters it
+mask likewise by name and hash only), ``[[references]]`` by name, strength, mode and
+frame (their pictures by name and hash only), the ``[variation]`` seed and strength, the ``[expander]``
+backend name and sampling settings (never its system prompt file), the filters it
 requires and the image format (a ``[matrix]`` is dropped: images record their own cell). Everything
 that names a place on this machine or loosens a local decision comes from the local user
 (the defaults, ``--set``, the user config): the output folder, file name and overwrite rule,
 weight and LoRA paths, environment references, the device, per-filter safety settings,
-plugin tables, ``extends``. Those keys are dropped and listed, never followed or opened.
+plugin tables, ``extends``, a batch job's ``[job]`` table (its prompt file path; the runner
+is never a recipe key at all). Those keys are dropped and listed, never followed or opened.
 
 Writing goes the other way (:func:`portable_recipe`): images record file names, not the
 absolute local paths of weights and LoRAs, unless the user config says
@@ -24,7 +27,7 @@ from typing import Any
 
 # Keys an image may set. ``True``: the value as a whole (validated by the schema as usual);
 # a set: a table and the keys it may hold; ``[set]``: a list of such tables.
-_PROMPT_KEYS = {"text", "negative", "seed", "count", "width", "height", "name"}
+_PROMPT_KEYS = {"text", "negative", "seed", "count", "width", "height", "name", "expand"}
 _LORA_KEYS = {"name", "strength", "trigger", "steps", "strict"}  # never "path"
 IMAGE_MAY_SET: dict[str, Any] = {
     "schema": True, "description": True,
@@ -35,10 +38,18 @@ IMAGE_MAY_SET: dict[str, Any] = {
     "sampler": True,  # common settings and the sampler's own options, checked by its schema
     "loras": [_LORA_KEYS],
     "init": {"strength", "mask_blur"},  # never "image" or "mask": the user gives those files
+    # [[references]]: how each picture was used, never which local file (krea2kit.references)
+    "references": [{"name", "strength", "mode", "frame"}],
     "variation": {"seed", "strength", "per_image"},
+    # [expander]: how a prompt was expanded, never with what: the endpoint, key and weights are
+    # the user config's, and "system_prompt" (a local file) and "cache" stay local decisions.
+    "expander": {"enabled", "backend", "seed", "temperature", "max_tokens", "on_failure"},
     "sliders": True,  # bound to [[loras]] by name only
     "safety": {"filters"},  # requiring a filter can only make a run stricter
     "output": {"format", "quality"},
+    # never "diversity": which of the local user's images get written (keep) and which embedder
+    # loads (a plugin reading local weights) are local decisions, and an image's recipe renders
+    # that one image, where choosing among a batch means nothing (krea2kit.diversity)
 }
 
 
@@ -110,7 +121,9 @@ def file_name(location: Any) -> Any:
 
 def portable_recipe(data: dict[str, Any], *, local_paths: bool = False) -> dict[str, Any]:
     """``data`` (a resolved recipe) with weight and LoRA locations reduced to file names, for
-    image metadata; unchanged when the user config asks for ``local_paths``."""
+    image metadata; unchanged when the user config asks for ``local_paths``. A ``[job]`` table
+    (a batch job's prompt file) is never recorded: it is no part of one image's recipe."""
+    data = {k: v for k, v in data.items() if k != "job"}
     if local_paths:
         return data
     out = dict(data)
@@ -127,6 +140,9 @@ def portable_recipe(data: dict[str, Any], *, local_paths: bool = False) -> dict[
                         for lora in out["loras"]]
     if isinstance(out.get("init"), dict):
         out["init"] = {k: (file_name(v) if k in ("image", "mask") else v) for k, v in out["init"].items()}
+    if isinstance(out.get("references"), list):  # reference pictures: their file names
+        out["references"] = [{**ref, "image": file_name(ref.get("image"))} if isinstance(ref, dict) else ref
+                             for ref in out["references"]]
     return out
 
 

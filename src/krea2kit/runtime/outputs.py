@@ -17,6 +17,7 @@ from typing import Any
 from krea2kit.contracts import OutputInfo
 from krea2kit.recipe.outputs import image_recipe, name_fields, output_dir
 from krea2kit.recipe.plan import Job, Plan
+from krea2kit.recipe.references import reference_record
 
 __all__ = ["OutputInfo", "OutputPlanner", "image_recipe"]
 
@@ -113,13 +114,24 @@ class OutputPlanner:
                 weights=portable_identities(parts, local_paths=local_paths),
                 filters=verdicts, unfiltered=filters.unfiltered,
                 extra={"run_id": record.run_id, "index": job.index, "mu": record.mu, "loras": loras,
-                       **init_record(plan.recipe.init, local_paths=local_paths)},
+                       **init_record(plan.recipe.init, local_paths=local_paths),
+                       **expander_record(job, include_prompt=include),
+                       **reference_record(plan.recipe.references, local_paths=local_paths)},
             )
         elif filters.unfiltered:
             krea2kit = {"unfiltered": True}
         return OutputInfo(ImageMetadata(parameters=parameters, krea2kit=krea2kit),
                           prompt=job.prompt if include else None, negative=job.negative if include else None,
                           seed=job.seed, index=job.index, quality=out.quality)
+
+
+def expander_record(job: Job, *, include_prompt: bool) -> dict[str, Any]:
+    """``{"expander": {original, expanded, backend, ...}}`` for an expanded prompt, else ``{}``."""
+    if job.expansion is None:
+        return {}
+    from krea2kit.expander.jobs import metadata_entry
+
+    return metadata_entry(job, include_prompt=include_prompt)
 
 
 def init_record(init: Any, *, local_paths: bool = False) -> dict[str, Any]:
