@@ -73,6 +73,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# optimizer state as safetensors + JSON (never pickle): the same files `krea2kit train` resumes from
+from krea2kit.train.checkpoint import optimizer_from_files, optimizer_to_files
+
 DEFAULT_SEED = 20261125
 STAGES = ("vae", "raw", "turbo")
 STAGE_IDS = {"vae": 1, "raw": 2, "turbo": 3, "pool": 4}
@@ -189,26 +192,6 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
-
-
-def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, v in list(tensors.items()) + list(meta.get("scalars", {}).items()):
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def checkpoint_step(path: Path) -> int:

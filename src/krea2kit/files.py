@@ -60,6 +60,17 @@ class NameTaken(OutputError):
     exit_code = EXIT_USAGE
 
 
+def sha256_of_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's content, read a MiB at a time (OSError when it cannot be read)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def is_temp_name(name: str) -> bool:
     """True for a temporary file name this module makes (a leftover of a killed process)."""
     return name.startswith(".") and TEMP_MARK in name

@@ -18,7 +18,6 @@ describes is unchanged (``key``: a hash of everything that decides its pixels), 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from krea2kit.errors import UsageError
+from krea2kit.files import sha256_of_file
 
 #: Fields every manifest line carries (more may follow).
 FIELDS = ("index", "prompt", "seed", "path", "sha256", "status")
@@ -36,11 +36,7 @@ def file_sha256(path: str | os.PathLike) -> str | None:
     try:
         if not os.path.isfile(path):
             return None
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return sha256_of_file(path)
     except OSError:
         return None
 

@@ -101,10 +101,6 @@ def feathered(mask: Image.Image, radius: float) -> Image.Image:
 
 
 def file_sha256(value: str) -> str:
-    import hashlib
+    from krea2kit.files import sha256_of_file
 
-    digest = hashlib.sha256()
-    with open(local_path(value), "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of_file(local_path(value))

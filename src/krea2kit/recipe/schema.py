@@ -34,6 +34,14 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 STRICT_TYPES = ConfigDict(strict=True, allow_inf_nan=False)
 
 
+
+def check_device(value: str) -> str:
+    """A ``device`` value: auto, cpu, cuda, cuda:N or mps (run and training recipes alike)."""
+    base = value.split(":", 1)[0]
+    if base not in {"auto", "cpu", "cuda", "mps"} or (":" in value and not value.split(":", 1)[1].isdigit()):
+        raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+    return value
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, **STRICT_TYPES)
 
@@ -92,10 +100,7 @@ class ModelSection(Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        base = value.split(":", 1)[0]
-        if base not in {"auto", "cpu", "cuda", "mps"} or (":" in value and not value.split(":", 1)[1].isdigit()):
-            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
-        return value
+        return check_device(value)
 
 
 class SamplerSection(BaseModel):

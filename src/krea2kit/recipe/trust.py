@@ -173,11 +173,7 @@ def lora_identity(path: str, *, local_paths: bool = False) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    import hashlib
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: the cache's key
+    from krea2kit.files import sha256_of_file
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of_file(path)

@@ -21,7 +21,6 @@ into a filter that blocks everything (fail closed).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -59,11 +58,9 @@ class FilterLoadError(Krea2kitError):
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fp:
-        for chunk in iter(lambda: fp.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from krea2kit.files import sha256_of_file
+
+    return sha256_of_file(path)
 
 
 class OpenNSFWImageFilter:

@@ -177,11 +177,9 @@ def choose_bucket(width: int, height: int, resolution: int, *, multiple: int = 1
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from krea2kit.files import sha256_of_file
+
+    return sha256_of_file(path)
 
 
 def _open_image(path: Path):

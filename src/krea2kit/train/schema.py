@@ -84,10 +84,9 @@ class BaseSection(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        base = value.split(":", 1)[0]
-        if base not in {"auto", "cpu", "cuda", "mps"} or (":" in value and not value.split(":", 1)[1].isdigit()):
-            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
-        return value
+        from krea2kit.recipe.schema import check_device
+
+        return check_device(value)
 
 
 class AdapterSection(_Strict):
