@@ -60,6 +60,14 @@ class NameTaken(OutputError):
     exit_code = EXIT_USAGE
 
 
+def user_file_mode() -> int:
+    """The permissions a new file gets here (0o666 less the umask), for a file a library wrote
+    with its own (0600) temporary file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def sha256_of_file(path: str | os.PathLike) -> str:
     """The sha256 of a file's content, read a MiB at a time (OSError when it cannot be read)."""
     import hashlib
@@ -116,8 +124,13 @@ def atomic_save(path: str | os.PathLike, save: Callable[[Path], None], *, overwr
     """Like :func:`atomic_write` for a library that writes by file name: ``save(temp_path)``."""
 
     def fill(tmp: Path, fd: int) -> None:
+        mode = os.fstat(fd).st_mode & 0o777  # what the umask gave the placeholder
         os.close(fd)
         save(tmp)
+        # a library may write its own temporary file (0600) and rename it over ours: give the
+        # result the permissions any file the user creates gets
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as fp:
             os.fsync(fp.fileno())
 

@@ -143,3 +143,17 @@ def test_jpeg_metadata_that_cannot_fit_is_refused_before_rendering(cli_inproc, t
     assert "png" in res.stderr  # the fix
     for fix in ('output.format="webp"', "output.metadata=false"):
         assert cli_inproc("run", "r.toml", "--dry-run", "--set", fix).code == 0
+
+
+def test_files_a_library_writes_get_the_umask_permissions(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from krea2kit.files import atomic_save
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_save(tmp_path / "a.safetensors", lambda tmp: save_file({"x": torch.zeros(1)}, str(tmp)))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # safetensors alone leaves 0600: unreadable to a server

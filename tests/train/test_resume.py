@@ -125,8 +125,9 @@ def test_resume_refuses_another_recipe_and_extends_steps(tmp_path, session):
     other = Trainer(_recipe(tmp_path, steps=4, optimizer={"lr": 1e-2}, output={
         "path": str(tmp_path / "out" / "r.safetensors"), "overwrite": True}), session=session)
     try:
-        with pytest.raises(UsageError, match="different recipe"):
+        with pytest.raises(UsageError, match="different recipe") as info:
             other.run(resume=True)
+        assert "optimizer.lr" in str(info.value) and "-> 0.01" in str(info.value)  # names what changed
     finally:
         other.close()
     more = Trainer(_recipe(tmp_path, output={"path": str(tmp_path / "out" / "r.safetensors"), "overwrite": True,

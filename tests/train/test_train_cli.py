@@ -143,6 +143,7 @@ def test_nan_loss_exits_1_and_keeps_the_checkpoint(cli_inproc, tmp_path, monkeyp
     (('preset = "krea2-nano-raw"', 'preset = "krea2-nano-rawx"'), "base.preset", "unknown model"),
     (('kind = "x"', ""), "adapter.kind", ""),
     (('schema = "krea2kit.train/1"', 'schema = "krea2kit.recipe/1"'), "schema", "krea2kit run"),
+    (('targets = ["attention"]', 'targets = ["nothing.*"]'), "adapter.targets", "select no Linear"),
 ])
 def test_bad_recipes_exit_2_naming_file_and_key(cli_inproc, tmp_path, edit, key, words):
     text = RECIPE.replace(*edit) if edit[0] in RECIPE else RECIPE.replace('[adapter]', '[adapter]\nkind = "x"')
@@ -167,6 +168,11 @@ def test_recipe_check_schema_and_dry_run(cli_inproc, tmp_path):
     assert info["images"] == 2 and info["skipped"] == 2 and info["memory"]["peak_bytes"] > 0
     assert "lonely.png" in dry.stderr and "broken.png" in dry.stderr
     assert not (tmp_path / "loras").exists()
+    for command in (("train", "train.toml", "--dry-run"), ("recipe", "check", "train.toml")):
+        nothing = cli_inproc(*command, "--set", 'adapter.targets=["nothing.*"]')
+        assert nothing.code == 2 and "adapter.targets" in nothing.stderr and "select no Linear" in nothing.stderr
+    turbo = cli_inproc("train", "train.toml", "--dry-run", "--set", 'base.preset="krea2-nano-turbo"')
+    assert turbo.code == 0 and "known mistake" in turbo.stderr  # said before anything is trained
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def inspect_cmd(file: str, as_json: bool, strict: bool) -> None:
     if training is not None:
         info["training"] = training
     if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        click.echo(json.dumps(info, sort_keys=True))  # one JSON line, as every --json
         return
     cov = ", ".join(f"{k} {v}" for k, v in sorted(info["coverage"].items()))
     lines = [

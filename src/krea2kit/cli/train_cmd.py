@@ -129,6 +129,11 @@ def _dry_run(out: Output, recipe, loaded, as_json: bool) -> int:
 
     host = get_host()
     host.registry.get("model", recipe.base.preset, key="base.preset", file=loaded.file_of("base.preset"))
+    from krea2kit.train.loop import turbo_base_warning
+
+    note = turbo_base_warning(recipe.base.preset)
+    if note:
+        out.warn(note)
     info: dict[str, Any] = {"status": "planned", "recipe": loaded.path, "mode": recipe.mode,
                             "base": recipe.base.preset, "adapter": recipe.adapter.kind, "rank": recipe.adapter.rank,
                             "alpha": recipe.alpha, "targets": list(recipe.adapter.targets), "steps": recipe.steps}
@@ -141,7 +146,7 @@ def _dry_run(out: Output, recipe, loaded, as_json: bool) -> int:
         info.update(images=len(scan.unique), per_epoch=len(scan.items), skipped=len(scan.skipped),
                     buckets={f"{w}x{h}": n for (w, h), n in scan.buckets().items()},
                     dataset_hash=dataset_hash(scan))
-    plan = _memory_plan(recipe)
+    plan = _memory_plan(recipe, loaded)
     if plan is not None:
         for line in plan.lines():
             out.info(line)
@@ -153,12 +158,17 @@ def _dry_run(out: Output, recipe, loaded, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _memory_plan(recipe):
+def _memory_plan(recipe, loaded):
     """The training memory plan (:func:`krea2kit.train.memory_plan.plan_for_recipe`): the same
-    estimator ``krea2kit run`` checks memory with, plus the adapter, optimizer and activations."""
+    estimator ``krea2kit run`` checks memory with, plus the adapter, optimizer and activations.
+    Targets that select no Linear of the preset's transformer are refused here, before loading."""
+    from krea2kit.train.adapters import no_targets_error
     from krea2kit.train.memory_plan import plan_for_recipe
 
-    return plan_for_recipe(recipe)
+    plan = plan_for_recipe(recipe)
+    if plan is not None and plan.trainable_params == 0:
+        raise no_targets_error(recipe.adapter.targets, loaded.file_of("adapter.targets"))
+    return plan
 
 
 def train_command(out: Output, recipe_path: str, overrides: list[str], *, resume: bool, steps: int | None,
@@ -172,6 +182,10 @@ def train_command(out: Output, recipe_path: str, overrides: list[str], *, resume
         recipe.steps = steps
     if dry_run:
         return _dry_run(out, recipe, loaded, as_json)
+    from krea2kit.plugins import get_host
+
+    get_host().registry.get("model", recipe.base.preset, key="base.preset", file=loaded.file_of("base.preset"))
+    _memory_plan(recipe, loaded)  # adapter.targets must select something: said before weights load
     from krea2kit.train.loop import Trainer
 
     started = time.perf_counter()
@@ -215,6 +229,7 @@ def check_training_recipe(out: Output, file: str, overrides: list[str]) -> bool:
     from krea2kit.plugins import get_host
 
     get_host().registry.get("model", recipe.base.preset, key="base.preset", file=loaded.file_of("base.preset"))
+    _memory_plan(recipe, loaded)  # adapter.targets must select something
     what = f"dataset {recipe.dataset.path or recipe.dataset.manifest}" if recipe.dataset is not None else \
         f"slider {recipe.slider.negative!r} .. {recipe.slider.positive!r}"
     out.info(f"ok: {loaded.path}: training recipe, {recipe.adapter.kind} rank {recipe.adapter.rank} on "

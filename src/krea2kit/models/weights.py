@@ -158,7 +158,8 @@ def open_checkpoint(path: str | os.PathLike, *, what: str = "weights") -> Checkp
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise WeightsError(f"{what} not found", file=str(p), hint="check the path, or set it in the recipe's [weights] table")
+        raise WeightsError(f"{what} not found", file=str(p), hint="check the path: a run recipe's [model.weights], a training recipe's "
+                                                    "base.weights, or the user config's [weights.<preset>]")
     if p.is_file():
         if p.suffix.lower() in PICKLE_SUFFIXES:
             raise WeightsError(

@@ -170,6 +170,13 @@ def select_targets(dit: nn.Module, targets: Sequence[str]) -> list[str]:
     return names
 
 
+def no_targets_error(targets: Sequence[str], file: str | None = None) -> RecipeError:
+    return RecipeError(f"the targets {list(targets)} select no Linear of this transformer", file=file,
+                       key="adapter.targets",
+                       hint=f"use a preset ({', '.join(TARGET_PRESETS)}) or globs on native names "
+                            "such as 'blocks.*.attn.wq'")
+
+
 class AdapterSet(nn.Module):
     """The trainable adapters of one run, attached to ``dit`` by forward hooks.
 
@@ -185,10 +192,7 @@ class AdapterSet(nn.Module):
         self.multiplier: float = 1.0
         self.names = select_targets(dit, config.targets)
         if not self.names:
-            raise RecipeError(f"the targets {list(config.targets)} select no Linear of this transformer",
-                              key="adapter.targets",
-                              hint=f"use a preset ({', '.join(TARGET_PRESETS)}) or globs on native names "
-                                   "such as 'blocks.*.attn.wq'")
+            raise no_targets_error(config.targets)
         # One generator for the whole set, consumed in module order: the init depends on the
         # seed and the target list only.
         gen = torch.Generator().manual_seed(int(seed))

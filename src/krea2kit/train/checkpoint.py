@@ -52,8 +52,11 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
+    from krea2kit.files import user_file_mode
+
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path),
               metadata=metadata)
+    os.chmod(path, user_file_mode())  # safetensors writes 0600; the umask decides, as for any file
     with open(path, "rb") as f:  # durable before the folder is renamed into place
         os.fsync(f.fileno())
 

@@ -149,6 +149,14 @@ def enable_gradient_checkpointing(dit: torch.nn.Module) -> Callable[[], None]:
     return undo
 
 
+def turbo_base_warning(preset: str) -> str | None:
+    """The warning for a Turbo base (``train`` and ``train --dry-run`` say it alike)."""
+    if "turbo" not in preset:
+        return None
+    return (f"base.preset = {preset!r}: adapters train on the Raw checkpoint and run on Turbo "
+            "(training on the distilled Turbo is a known mistake)")
+
+
 def turbo_preset_for(preset: str) -> str:
     """The Turbo sibling of a Raw preset name (``krea2-raw`` -> ``krea2-turbo``)."""
     return preset.replace("raw", "turbo") if "raw" in preset else preset
@@ -177,11 +185,34 @@ def fingerprint(recipe: TrainRecipe, dataset_hash: str) -> str:
     """What a checkpoint must share with the run resuming it: everything that changes the
     training trajectory (not ``steps``, the sample settings, the output file or the
     checkpoint interval; a cosine schedule does depend on ``steps``: that is the user's call)."""
+    return hashlib.sha256(json.dumps(trajectory_settings(recipe, dataset_hash), sort_keys=True).encode()).hexdigest()
+
+
+def trajectory_settings(recipe: TrainRecipe, dataset_hash: str) -> dict[str, Any]:
+    """The settings :func:`fingerprint` hashes, flattened to dotted keys (``optimizer.lr``); a
+    checkpoint keeps them so a refused resume can name what changed."""
     data = recipe.model_dump(mode="json", by_alias=True)
     for key in ("steps", "samples", "output", "checkpoint_every", "description", "extends", "name"):
         data.pop(key, None)
     data["dataset_hash"] = dataset_hash
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value
+
+    walk("", data)
+    return flat
+
+
+def changed_settings(before: dict[str, Any], now: dict[str, Any], most: int = 4) -> str:
+    """``optimizer.lr 0.002 -> 1.0, ...`` for the keys whose values differ."""
+    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    shown = [f"{k} {json.dumps(before.get(k))} -> {json.dumps(now.get(k))}" for k in keys[:most]]
+    return ", ".join(shown) + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
 @dataclass
@@ -273,9 +304,9 @@ class Trainer:
         self.events("stage", stage="load")
         registry = self._registry()
         registry.get("model", r.base.preset, key="base.preset", file=self.file)
-        if "turbo" in r.base.preset:
-            self.events("warning", message=f"base.preset = {r.base.preset!r}: adapters train on the Raw checkpoint "
-                                            "and run on Turbo (training on the distilled Turbo is a known mistake)")
+        note = turbo_base_warning(r.base.preset)
+        if note:
+            self.events("warning", message=note)
         self.plan = self._run_plan(r.base.preset, r.base.weights, "base")
         # The dataset is scanned before any weights load, so a missing folder or an empty dataset
         # is a recipe error at once. Sides are multiples of the VAE factor x the patch size; the
@@ -422,7 +453,8 @@ class Trainer:
     # -- checkpoints, samples, export -------------------------------------------
     def _state(self, step: int, losses: list[float]) -> dict:
         pos = self.order.position(step) if self.recipe.mode != "slider" else (0, step)
-        return {"fingerprint": self.fingerprint, "seed": self.recipe.seed, "name": self.name,
+        return {"fingerprint": self.fingerprint, "settings": trajectory_settings(self.recipe, self.dataset_hash),
+                "seed": self.recipe.seed, "name": self.name,
                 "data_position": {"epoch": pos[0], "batch": pos[1]},
                 "losses": losses[-1000:],
                 "adapter": {"kind": self.recipe.adapter.kind, "rank": self.recipe.adapter.rank,
@@ -441,7 +473,11 @@ class Trainer:
             return 0, []
         c = ckpt.load_checkpoint(found[-1], self.optimizer)
         if c.state.get("fingerprint") != self.fingerprint:
-            raise UsageError(f"the checkpoint {c.path} was made by a different recipe or dataset", file=self.file,
+            before = c.state.get("settings")
+            what = changed_settings(before, trajectory_settings(self.recipe, self.dataset_hash)) \
+                if isinstance(before, dict) else ""
+            raise UsageError(f"the checkpoint {c.path} was made by a different recipe or dataset"
+                             + (f": {what}" if what else ""), file=self.file,
                              hint="resume with the recipe and data that made it (only steps, samples, output and "
                                   f"checkpoint_every may change), or remove {self.work_dir} to start over")
         try:
