@@ -125,8 +125,10 @@ def run_all(session, job, runner, events=None):
 
 
 @pytest.mark.slow
-def test_two_ray_workers_give_the_pixels_of_a_local_run(cluster, tmp_path):
-    """Variation seeds included: the image of an item never depends on worker count or order."""
+@pytest.mark.parametrize("workers", [2, 3])
+def test_ray_workers_give_the_pixels_of_a_local_run(cluster, tmp_path, workers):
+    """Variation seeds included: the image of an item never depends on worker count or order
+    (one local process vs 2 and 3 Ray render actors)."""
     import torch
 
     from krea2kit.jobs.runner import LocalRunner
@@ -139,7 +141,8 @@ def test_two_ray_workers_give_the_pixels_of_a_local_run(cluster, tmp_path):
     finally:
         torch.set_num_threads(threads)
     session, ray_job = make_job(tmp_path, "ray")
-    on_ray = run_all(session, ray_job, ray_runner())
+    # 3 actors of half a CPU and the filter actor's half fill the 2-CPU cluster
+    on_ray = run_all(session, ray_job, ray_runner(workers=workers))
 
     assert sorted(r.index for r in on_ray) == list(range(6)) == sorted(r.index for r in local)
     by_index = {r.index: r for r in on_ray}
