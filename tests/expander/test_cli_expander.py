@@ -272,3 +272,11 @@ def test_no_expander_cache_asks_again(cli_inproc, endpoint_env, recipe):
     assert records(res)[0]["prompt"] == "a red circle, painted in oils"
     res = cli_inproc("run", recipe, "--json")  # the refreshed answer replaced the cached one
     assert records(res)[0]["prompt"] == "a red circle, painted in oils" and len(server.requests) == 2
+
+
+def test_dry_run_warns_when_no_endpoint_is_set(cli_inproc, recipe, monkeypatch):
+    for name in ("KREA2KIT_EXPANDER_BASE_URL", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    res = cli_inproc("run", recipe, "--dry-run")
+    assert res.code == 0 and "no prompt expander endpoint is set" in res.stderr and "exit 5" in res.stderr
+    assert "KREA2KIT_EXPANDER_BASE_URL" in res.stderr  # the fix

@@ -197,11 +197,33 @@ def run_command(out: Output, recipe: str | None, overrides: list[str], prompts: 
 
         resolve_embedder(plan, session.host.registry)
     if dry_run:
+        _warn_expander_setup(out, session, plan)
         memory = dry_run_memory(out, session, plan)
         print_dry_run(out, plan, as_json=as_json, extra={"memory": memory} if memory else None)
         out.info(f"dry run: {len(plan.jobs)} image(s) with {plan.model.name}; nothing loaded")
         return EXIT_OK
     return execute(out, session, plan, as_json=as_json)
+
+
+def _warn_expander_setup(out: Output, session, plan) -> None:
+    """``--dry-run`` with ``[expander]`` on an endpoint backend and no endpoint set: the run
+    would stop (exit 5) at the first prompt without a cached or recorded expansion; say so."""
+    from krea2kit.errors import ExpanderError
+    from krea2kit.recipe.expander import active, section
+
+    if not active(plan):
+        return
+    backend = section(plan.recipe).backend
+    descriptor = session.host.registry.get("prompt_expander", backend, key="expander.backend")
+    if getattr(descriptor, "needs", "") != "endpoint":
+        return
+    from krea2kit.expander.config import endpoint
+
+    try:
+        endpoint(session.settings)
+    except ExpanderError as exc:
+        out.warn(f"[expander] backend {backend!r}: {exc.message}; the run stops (exit 5) at the first prompt "
+                 f"without a cached expansion" + (f" ({exc.hint})" if exc.hint else ""))
 
 
 def dry_run_memory(out: Output, session, plan) -> dict[str, Any] | None:
