@@ -130,6 +130,10 @@ def test_image_with_a_lora_needs_the_file_from_the_local_user(cli_inproc, tmp_pa
     assert res.code == 2, res.stderr
     assert "loras.0.path" in res.stderr and "--set loras.0.path=" in res.stderr
     assert "style.safetensors" in res.stderr and "Traceback" not in res.stderr and res.stdout == ""
+    shown = cli_inproc("recipe", "show", str(image), "--json")  # reading the recipe needs no file
+    assert shown.code == 0, shown.stderr
+    assert json.loads(shown.stdout)["loras"][0]["strength"] == 0.8 and "unresolved" in shown.stderr
+    assert "path" not in json.loads(shown.stdout)["loras"][0]  # the crafted path was dropped, not shown
 
     again = cli_inproc("run", str(image), "-q", "--set", f"loras.0.path={lora}")
     assert again.code == 0, again.stderr

@@ -257,9 +257,20 @@ def recipe_show(ctx, file, overrides, as_json):
     from krea2kit.api import Session
     from krea2kit.cli.run_cmd import load_and_report
 
+    from krea2kit.errors import RecipeError
+
     out: Output = ctx.obj
-    plan = Session().plan(load_and_report(out, file, list(overrides)))
-    data = plan.resolved()
+    loaded = load_and_report(out, file, list(overrides))
+    try:
+        data = Session().plan(loaded).resolved()
+    except RecipeError as exc:
+        # An image made with a LoRA or reference picture names its file, which the local user
+        # gives to run it; to read the recipe, the image's own record is enough.
+        if not loaded.from_image or not (exc.key or "").startswith(("loras.", "references.")):
+            raise
+        out.warn(f"{exc.message}: showing the image's recipe as recorded, unresolved"
+                 + (f" (to resolve it, {exc.hint})" if exc.hint else ""))
+        data = loaded.data
     if as_json:
         out.data(json.dumps(data, indent=2))
     else:
