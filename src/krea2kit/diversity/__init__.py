@@ -36,29 +36,15 @@ def resolve_embedder(plan: Any, registry: Any) -> tuple[Any, Any] | None:
     """The embedder descriptor of ``plan``'s ``[diversity]`` table and its validated options,
     or ``None`` without the table. An unknown name or option is a ``RecipeError`` (exit 2)
     naming the file and key, before anything loads."""
-    from krea2kit.errors import RecipeError
-    from krea2kit.validation import did_you_mean, validate_model
+    from krea2kit.recipe.plan import part_options
 
     section = getattr(plan.recipe, "diversity", None)
     if section is None:
         return None
     loaded = plan.loaded
-    f = loaded.file_of
-    descriptor = registry.get("embedder", section.embedder, key="diversity.embedder", file=f("diversity.embedder"))
-    extra = section.extra_options()
-    model = descriptor.options_model()
-    common = list(type(section).model_fields)
-    own = list(model.model_fields) if model is not None else []
-    for key in sorted(extra):
-        if key not in own:
-            raise RecipeError(
-                f"unknown key{did_you_mean(key, own + common)}", file=f(f"diversity.{key}"), key=f"diversity.{key}",
-                hint=f"embedder {section.embedder!r} options: {', '.join(own) or 'none'}; "
-                     f"common keys: {', '.join(common)}",
-            )
-    options = None
-    if model is not None:
-        options = validate_model(model, extra, file=loaded.path, prefix="diversity", provenance=loaded.provenance)
+    descriptor = registry.get("embedder", section.embedder, key="diversity.embedder",
+                              file=loaded.file_of("diversity.embedder"))
+    options = part_options(loaded, section, descriptor, table="diversity", what=f"embedder {section.embedder!r}")
     return descriptor, options
 
 

@@ -187,6 +187,28 @@ def _model_parts(recipe: Recipe, loaded: LoadedRecipe, registry: Registry,
     return model, parts
 
 
+def part_options(loaded: LoadedRecipe, section: Any, descriptor: Descriptor, *, table: str, what: str) -> Any:
+    """The part's own options in a recipe table that also has common keys (``[sampler]``,
+    ``[diversity]``): the keys the table's schema does not know, validated by the part's
+    options model (``None`` when it has none). An unknown key is exit 2, naming the file, the
+    key and both lists."""
+    f = loaded.file_of
+    extra = section.extra_options()
+    options_model = descriptor.options_model()
+    common = list(type(section).model_fields)
+    own = list(options_model.model_fields) if options_model is not None else []
+    for key in sorted(extra):
+        if key not in own:
+            raise RecipeError(
+                f"unknown key{did_you_mean(key, own + common)}",
+                file=f(f"{table}.{key}"), key=f"{table}.{key}",
+                hint=f"{what} options: {', '.join(own) or 'none'}; common keys: {', '.join(common)}",
+            )
+    if options_model is None:
+        return None
+    return validate_model(options_model, extra, file=loaded.path, prefix=table, provenance=loaded.provenance)
+
+
 def _sampler(recipe: Recipe, loaded: LoadedRecipe, registry: Registry,
              model: ModelDescriptor) -> tuple[Descriptor, dict[str, Any], float, float | None]:
     """The sampler part, its own options, and the preset's defaults filled in.
@@ -197,21 +219,8 @@ def _sampler(recipe: Recipe, loaded: LoadedRecipe, registry: Registry,
     s = recipe.sampler
     s.name = s.name or model.sampler
     descriptor = registry.get("sampler", s.name, key="sampler.name", file=f("sampler.name"))
-    extra = s.extra_options()
-    options_model = descriptor.options_model()
-    common = list(type(s).model_fields)
-    own = list(options_model.model_fields) if options_model is not None else []
-    for key in sorted(extra):
-        if key not in own:
-            raise RecipeError(
-                f"unknown key{did_you_mean(key, own + common)}",
-                file=f(f"sampler.{key}"), key=f"sampler.{key}",
-                hint=f"sampler {s.name!r} options: {', '.join(own) or 'none'}; common keys: {', '.join(common)}",
-            )
-    sampler_options: dict[str, Any] = {}
-    if options_model is not None:
-        validated = validate_model(options_model, extra, file=loaded.path, prefix="sampler", provenance=loaded.provenance)
-        sampler_options = validated.model_dump()
+    validated = part_options(loaded, s, descriptor, table="sampler", what=f"sampler {s.name!r}")
+    sampler_options: dict[str, Any] = validated.model_dump() if validated is not None else {}
     s.steps = s.steps or model.steps
     if s.guidance is None:
         s.guidance = model.guidance if s.convention == "krea" else model.guidance + 1.0
