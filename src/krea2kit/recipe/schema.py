@@ -350,10 +350,16 @@ class Recipe(Strict):
         return self
 
 
+def schema_document(model: type[BaseModel], schema_id: str, title: str) -> dict:
+    """``model``'s JSON Schema as a standalone document (draft 2020-12, an ``$id`` from the
+    recipe's ``schema`` value), for editors that complete TOML keys from it."""
+    schema = model.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://krea2kit.invalid/schema/{schema_id}.json"
+    schema["title"] = title
+    return schema
+
+
 def json_schema() -> dict:
     """JSON Schema of the recipe (for editors that complete TOML keys from it)."""
-    schema = Recipe.model_json_schema(by_alias=True)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = f"https://krea2kit.invalid/schema/{SCHEMA_ID}.json"
-    schema["title"] = "krea2kit recipe"
-    return schema
+    return schema_document(Recipe, SCHEMA_ID, "krea2kit recipe")

@@ -50,7 +50,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from krea2kit.recipe.schema import STRICT_TYPES, EnvRef, Seed, Size
+from krea2kit.recipe.schema import STRICT_TYPES, EnvRef, Seed, Size, schema_document
 from krea2kit.train.dataset import DatasetSpec
 
 TRAIN_SCHEMA_ID = "krea2kit.train/1"
@@ -224,11 +224,7 @@ def is_training_recipe(data: dict[str, Any]) -> bool:
 
 def json_schema() -> dict:
     """JSON Schema of the training recipe (editor completion of its TOML keys)."""
-    schema = TrainRecipe.model_json_schema(by_alias=True)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = f"https://krea2kit.invalid/schema/{TRAIN_SCHEMA_ID}.json"
-    schema["title"] = "krea2kit training recipe"
-    return schema
+    return schema_document(TrainRecipe, TRAIN_SCHEMA_ID, "krea2kit training recipe")
 
 
 def load_training_recipe(source: str, overrides: list[str] | tuple[str, ...] = ()):
