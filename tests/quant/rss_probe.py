@@ -1,5 +1,6 @@
-"""Peak host memory of one transformer load, run in a fresh process by test_quantize_on_load:
-``python rss_probe.py FILE MODE`` prints JSON {"before": bytes, "peak": bytes, "resident": bytes}.
+"""Peak host memory of one transformer load, run in a fresh process by the quantize-on-load tests
+(:func:`marginal_cost`): ``python rss_probe.py FILE MODE`` prints JSON {"before": bytes,
+"peak": bytes, "resident": bytes}.
 MODE ``text-fp8`` / ``text-int8`` loads FILE as a text tower (every layer tapped) instead."""
 
 import json
@@ -40,6 +41,21 @@ def main(path: str, mode: str) -> None:
     # VmHWM: this process's own high-water mark (ru_maxrss would carry the parent's from fork).
     peak = status("VmHWM")
     print(json.dumps({"before": before, "peak": peak, "resident": resident_nbytes(model)}))
+
+
+def load_in_fresh_process(path, mode: str) -> dict:
+    """This script run on ``path`` in ``mode`` in a new interpreter: its JSON result."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, str(path), mode], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def marginal_cost(small, large, mode: str) -> tuple[int, int]:
+    """(resident bytes, peak growth) that loading ``large`` costs beyond ``small``: a process-wide
+    fixed cost (allocator arenas, kernel set-up, which differ between installs) cancels."""
+    a, b = load_in_fresh_process(small, mode), load_in_fresh_process(large, mode)
+    return b["resident"] - a["resident"], (b["peak"] - b["before"]) - (a["peak"] - a["before"])
 
 
 if __name__ == "__main__":
