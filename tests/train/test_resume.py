@@ -37,26 +37,6 @@ def _recipe(tmp_path, **over):
     return TrainRecipe.model_validate(data)
 
 
-@pytest.fixture(scope="module")
-def session(tmp_path_factory):
-    import os
-
-    from krea2kit.api import Session
-    from krea2kit.settings import load_settings
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("KREA2KIT_CACHE_DIR")
-    os.environ["KREA2KIT_CACHE_DIR"] = str(cache)
-    yield Session(settings=load_settings(cache / "none.toml"))
-    torch.set_num_threads(n)
-    if old is None:
-        os.environ.pop("KREA2KIT_CACHE_DIR", None)
-    else:
-        os.environ["KREA2KIT_CACHE_DIR"] = old
-
-
 def _final(trainer):
     opt = ckpt.optimizer_to_files(trainer.optimizer)[0]
     return trainer.adapters.tensors(), opt
