@@ -161,14 +161,10 @@ def _dry_run(out: Output, recipe, loaded, as_json: bool) -> int:
 def _memory_plan(recipe, loaded):
     """The training memory plan (:func:`krea2kit.train.memory_plan.plan_for_recipe`): the same
     estimator ``krea2kit run`` checks memory with, plus the adapter, optimizer and activations.
-    Targets that select no Linear of the preset's transformer are refused here, before loading."""
-    from krea2kit.train.adapters import no_targets_error
+    Targets that select no Linear of the preset's transformer are refused by it, before loading."""
     from krea2kit.train.memory_plan import plan_for_recipe
 
-    plan = plan_for_recipe(recipe)
-    if plan is not None and plan.trainable_params == 0:
-        raise no_targets_error(recipe.adapter.targets, loaded.file_of("adapter.targets"))
-    return plan
+    return plan_for_recipe(recipe, file=loaded.file_of("adapter.targets"))
 
 
 def train_command(out: Output, recipe_path: str, overrides: list[str], *, resume: bool, steps: int | None,
@@ -182,10 +178,6 @@ def train_command(out: Output, recipe_path: str, overrides: list[str], *, resume
         recipe.steps = steps
     if dry_run:
         return _dry_run(out, recipe, loaded, as_json)
-    from krea2kit.plugins import get_host
-
-    get_host().registry.get("model", recipe.base.preset, key="base.preset", file=loaded.file_of("base.preset"))
-    _memory_plan(recipe, loaded)  # adapter.targets must select something: said before weights load
     from krea2kit.train.loop import Trainer
 
     started = time.perf_counter()

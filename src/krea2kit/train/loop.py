@@ -320,6 +320,9 @@ class Trainer:
         self.device = pick_device(r.base.device if r.base.device != "auto" else (self.settings.device or "auto"))
         self.dtype_name = pick_dtype(r.base.dtype if r.base.dtype != "auto" else (self.settings.dtype or "auto"),
                                      self.device)
+        from krea2kit.train.memory_plan import plan_for_recipe
+
+        plan_for_recipe(r, session=self._session, file=self.file)  # adapter.targets: before any weights load
         pipe = self._session.pipeline
         self.text_encoder = pipe.part(self.plan, "text_encoder", device=self.device, dtype=self.dtype_name,
                                       events=self.events)

@@ -324,24 +324,34 @@ def readme_table(preset: str = "krea2-raw", *, rank: int = 32, resolutions=(1024
     return "\n".join(lines)
 
 
-def plan_for_recipe(recipe: Any, *, session: Any = None, device: str | None = None) -> TrainingMemoryPlan:
+def plan_for_recipe(recipe: Any, *, session: Any = None, device: str | None = None,
+                    file: str | None = None) -> TrainingMemoryPlan:
     """The plan of a validated training recipe (``krea2kit train --dry-run``): its base preset
     and storage, adapter rank and targets, batch, optimizer and checkpointing, at the dataset's
     bucket resolution (a slider: its width x height). Planned for CUDA unless the recipe's
-    ``base.device`` says otherwise (what the plan is for: fitting a GPU)."""
+    ``base.device`` says otherwise (what the plan is for: fitting a GPU).
+
+    Targets that select no Linear of the preset's transformer are a ``RecipeError`` naming
+    ``file``: planning is where that is known before any weights load (``train``, ``--dry-run``,
+    ``recipe check``)."""
     base = recipe.base
     if recipe.dataset is not None:
         resolution = int(recipe.dataset.resolution)
     else:
         resolution = int(round((recipe.slider.width * recipe.slider.height) ** 0.5))
     device = device or (base.device if base.device not in ("auto",) else "cuda")
-    return training_memory_plan(
+    plan = training_memory_plan(
         base.preset, resolution=resolution, rank=int(recipe.adapter.rank), batch=int(recipe.batch_size),
         weights_dtype="bf16" if base.weights_dtype == "auto" else base.weights_dtype, offload="none",
         gradient_checkpointing=bool(recipe.gradient_checkpointing),
         optimizer=recipe.optimizer.name if recipe.optimizer.name in OPTIMIZER_BYTES else "adamw",
         targets=list(recipe.adapter.targets), device=device, session=session,
         weights=base.weights.model_dump(exclude_none=True) or None)
+    if plan.trainable_params == 0:
+        from krea2kit.train.adapters import no_targets_error
+
+        raise no_targets_error(recipe.adapter.targets, file)
+    return plan
 
 
 __all__ = ["OPTIMIZER_BYTES", "Row", "TrainingMemoryPlan", "VARIANTS", "adapter_params", "block_activation_bytes",
