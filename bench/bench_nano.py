@@ -4,7 +4,7 @@
 
 Prints, on this machine's CPU:
 * cold: wall time of a new ``krea2kit run`` process that imports, loads the nano parts, renders
-  one 64x64 image, filters and writes it (``-q``, PNG to a temp dir), best and median of N runs;
+  one image at the preset's size (128x128 for the nano), filters and writes it (``-q``, PNG to a temp dir), best and median of N runs;
   and the same process's ``python -c "import torch"`` floor, which no CLI can beat;
 * warm: per-image time inside one :class:`krea2kit.api.Session` after a warm-up image, with the
   per-stage breakdown the pipeline records (text encode share, denoise, decode, filter, write);
@@ -81,13 +81,14 @@ def bare(session, preset: str, images: int) -> float:
     load = dict(device="cpu", dtype="float32", events=lambda *a, **k: None)
     te, dit, vae = (session.pipeline.part(plan, role, **load) for role in ("text_encoder", "dit", "vae"))
     sigmas = sampling.flow_sigmas(plan.steps, plan.mu)
+    plan_h, plan_w = plan.jobs[0].height, plan.jobs[0].width  # the preset's size (128x128 for the nano)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(images):
             cond = te.encode([PROMPT])
             f = vae.contract.factor  # the layout arrived at load, through the context
-            denoise = dit.make_denoiser(cond, None, guidance=0.0, latent_size=(64 // f, 64 // f))
-            x = sampling.initial_noise(i, 64, 64, channels=vae.contract.channels, factor=f, device="cpu",
+            denoise = dit.make_denoiser(cond, None, guidance=0.0, latent_size=(plan_h // f, plan_w // f))
+            x = sampling.initial_noise(i, plan_h, plan_w, channels=vae.contract.channels, factor=f, device="cpu",
                                        dtype=torch.float32)
             vae.decode(sampling.euler(denoise, x, sigmas))
     return (time.perf_counter() - t0) / images

@@ -1,6 +1,6 @@
 """Train the nano models on the synthetic world (:mod:`nanodev.world`), on CPU.
 
-    PYTHONPATH=nano-train python -m nanodev.train {vae,raw,turbo,all} --out DIR [--steps N] [--resume]
+    PYTHONPATH=nano-train python -m nanodev.train {vae,raw,raw128,turbo,all} --out DIR [--steps N] [--resume]
 
 Stages (each one resumable, deterministic from ``--seed``):
 
@@ -28,7 +28,13 @@ Stages (each one resumable, deterministic from ``--seed``):
   captions become ``""`` (the official negative prompt) so classifier-free guidance works.
   AdamW, linear warm-up, grad-norm clip 1, EMA of the weights (exported: the transformer to
   ``weights/raw``, the tower over ``weights/text_encoder``).
-* ``turbo``: distilled from the exported Raw for 8 Euler steps at guidance 0 on
+* ``raw128`` (v2, what ships): the raw stage continued at 128x128 (64 image tokens, objects of
+  2.5-4 latent pixels instead of 1-2) from the raw stage's EMA, same VAE. A ``phases`` entry
+  switches the loss at step 1,250 to weigh object pixels 5x (:func:`object_weights`) and to draw
+  noisier times (logit-normal location + 1): with the plain loss the transformer relearned
+  places but left shapes at chance, because it chose them at high noise, where a plain MSE
+  spends little gradient on a few object pixels (measured; MODEL_CARD.md).
+* ``turbo``: distilled from the exported Raw (at 128x128) for 8 Euler steps at guidance 0 on
   ``flow_sigmas(8, 1.15)``. Method ("per-step trajectory regression", on-policy): each update
   picks one of the 8 intervals ``[s_k, s_k+1]``, rolls the *student* from pure noise through
   the first k steps (no grad, so it learns on the states it will really visit), runs the
@@ -48,7 +54,8 @@ Determinism: every random draw of step ``n`` comes from generators seeded with
 
 Throughput measured on the 2-core dev machine (1 torch thread each, two runs side by side):
 vae ~2.85 steps/s at batch 16; raw ("m" DiT + text tower) ~1.15 steps/s at batch 32, ~1.9 with
-the "s" DiT and a frozen tower; turbo ~1.0 steps/s at batch 16 with 4 teacher substeps.
+the "s" DiT and a frozen tower; raw128 ~0.75-0.9 steps/s at batch 32; turbo at 128x128 ~0.6 steps/s
+at batch 16 with 4 teacher substeps.
 ``--threads`` defaults to 1: with 2 threads on busy shared cores OpenMP spinning made steps up
 to 50x slower (measured); raise it on a dedicated machine.
 """
@@ -77,14 +84,17 @@ import torch.nn.functional as F
 from krea2kit.train.checkpoint import optimizer_from_files, optimizer_to_files
 
 DEFAULT_SEED = 20261125
-STAGES = ("vae", "raw", "turbo")
-STAGE_IDS = {"vae": 1, "raw": 2, "turbo": 3, "pool": 4}
+STAGES = ("vae", "raw", "raw128", "turbo")
+STAGE_IDS = {"vae": 1, "raw": 2, "turbo": 3, "pool": 4, "raw128": 5}
 CKPT_PREFIX = "ckpt-"
 KEEP_CHECKPOINTS = 2
 FORMAT = 1
 
-# World images are 64x64 (world.REFERENCE_SIZE): 8x8 latents, a 4x4 grid of 16 image tokens.
+# World images of the first stages are 64x64 (world.REFERENCE_SIZE): 8x8 latents, a 4x4 grid of
+# 16 image tokens. The shipped (v2) models then train at 128x128 (the same world drawn twice as
+# large: 16x16 latents, 64 image tokens), where an object spans 2.5-4 latent pixels, not 1-2.
 IMAGE_SIZE = 64
+SHIPPED_IMAGE_SIZE = 128
 # Raw caption dropout: the official negative prompt is "", so that is the unconditional text.
 CAPTION_DROPOUT = 0.10
 UNCOND_PROMPT = ""
@@ -117,7 +127,15 @@ class StageConfig:
     train_text: bool = True   # raw: train the text tower with the transformer
     eval_images: int = 64     # vae: held-out scenes for the PSNR
     stats_images: int = 1024  # vae: training scenes for latents_mean / latents_std
+    image_size: int = IMAGE_SIZE  # raw/raw128/turbo: side of the world renders (and so the token grid)
+    object_weight: float = 0.0    # raw/raw128: extra loss weight on object pixels (0: plain MSE)
+    t_offset: float = 0.0         # raw/raw128: added to the logit-normal location (> 0: noisier draws)
+    # Settings that change during the stage: ((from_step, {"field": value, ...}), ...), applied in
+    # order (e.g. the object-focused loss after the first steps, a lower learning rate at the end).
+    phases: tuple = ()
 
+
+RAW128_STEPS = 4750  # the shipped checkpoint (nano-train/raw128/; chosen on other held-out captions)
 
 DEFAULTS: dict[str, StageConfig] = {
     # lr 1e-3 diverged within 100 steps (measured); 3e-4 is stable. ~4.5 steps/s at batch 16, 2 threads.
@@ -126,9 +144,20 @@ DEFAULTS: dict[str, StageConfig] = {
     # plateaued at 0.53-0.55 (3,500-5,000 steps), trained it reached 0.63 by 3,000 (MODEL_CARD.md).
     "raw": StageConfig(steps=4500, batch=32, lr=1e-3, warmup=500, weight_decay=0.01, ema=0.999, pool=16384,
                        ckpt_every=500, eval_every=0),
-    # ~1 step/s: 1,000 steps fit the CPU budget; EMA 0.995 so the short run's average is recent.
-    "turbo": StageConfig(steps=1000, batch=16, lr=3e-4, warmup=100, weight_decay=0.01, ema=0.995, pool=16384,
-                         ckpt_every=250, eval_every=0),
+    # EMA 0.995 so the short run's average is recent.
+    # v2: the Raw at 128x128, warm-started from the 64x64 raw stage's EMA (transformer and text
+    # tower): it already binds colour and place, and the VAE's latents mean the same at both
+    # sizes (held-out reconstructions at 128: adherence 0.97, shape 0.91; at 64: 0.95, 0.85).
+    # The plain loss relearns places on the larger grid (1,250 steps) but leaves shapes at
+    # chance; from then on the loss weighs object pixels 5x and draws noisier times, where the
+    # shape is chosen from the text (MODEL_CARD.md "Why the object-focused phase").
+    "raw128": StageConfig(steps=RAW128_STEPS, batch=32, lr=1e-3, warmup=200, weight_decay=0.01, ema=0.999,
+                          pool=16384, ckpt_every=250, eval_every=0, image_size=SHIPPED_IMAGE_SIZE,
+                          phases=((1250, {"object_weight": 4.0, "t_offset": 1.0}),)),
+    # v2: 300 steps (a trial distilled from the step-3,500 Raw scored 0.803 / 0.822 / 0.811 held out
+    # at 150 / 300 / 450 steps against its teacher's 0.830; v1 peaked at 250 of 1,000).
+    "turbo": StageConfig(steps=300, batch=16, lr=3e-4, warmup=100, weight_decay=0.01, ema=0.995, pool=16384,
+                         ckpt_every=100, eval_every=0, image_size=SHIPPED_IMAGE_SIZE),
 }
 
 
@@ -160,12 +189,12 @@ def world_scene(seed: int, split: str, index: int):
     return w.sample_scene(w.item_rng(seed, split, index), split)
 
 
-def world_item(seed: int, split: str, index: int):
+def world_item(seed: int, split: str, index: int, size: int = IMAGE_SIZE):
     """(image, caption, scene) exactly as ``world.dataset`` yields item ``index``."""
     w = _world()
     rng = w.item_rng(seed, split, index)
     scene = w.sample_scene(rng, split)
-    return w.render(scene, IMAGE_SIZE), w.caption(scene, rng), scene
+    return w.render(scene, size), w.caption(scene, rng), scene
 
 
 def images_to_tensor(images: Sequence) -> torch.Tensor:
@@ -245,10 +274,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
 # --------------------------------------------------------------------------------------------
 # Training loop shared by the stages
 
+def settings_at(cfg: StageConfig, step: int) -> StageConfig:
+    """``cfg`` with every phase that has started by ``step`` applied."""
+    for start, changes in cfg.phases:
+        if step >= int(start):
+            cfg = replace(cfg, **changes)
+    return replace(cfg, phases=()) if cfg.phases else cfg
+
+
 def lr_at(cfg: StageConfig, step: int) -> float:
-    """Linear warm-up, then constant (no total-length dependence, so resuming with a larger
-    ``--steps`` continues the same schedule)."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    """Linear warm-up, then constant, or the phase's rate (no total-length dependence, so
+    resuming with a larger ``--steps`` continues the same schedule)."""
+    return settings_at(cfg, step).lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
 def ema_decay(cfg: StageConfig, step: int) -> float:
@@ -576,10 +613,10 @@ def load_nano_text_encoder(folder: Path):
 # --------------------------------------------------------------------------------------------
 # DiT stages
 
-def nano_mu() -> float:
+def nano_mu(size: int = IMAGE_SIZE) -> float:
     from krea2kit.sampling import image_tokens, resolution_mu
 
-    return resolution_mu(image_tokens(IMAGE_SIZE, IMAGE_SIZE))
+    return resolution_mu(image_tokens(size, size))
 
 
 def sample_t(generator: torch.Generator, batch: int, mu: float) -> torch.Tensor:
@@ -588,23 +625,25 @@ def sample_t(generator: torch.Generator, batch: int, mu: float) -> torch.Tensor:
     return torch.sigmoid(torch.randn(batch, generator=generator) + mu)
 
 
-def build_latent_pool(vae, seed: int, count: int, batch: int = 64) -> torch.Tensor:
-    """Normalised latents (``vae.encode``) of train items 0..count-1."""
+def build_latent_pool(vae, seed: int, count: int, batch: int = 64, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Normalised latents (``vae.encode``) of train items 0..count-1 rendered at ``size``."""
     out = []
     vae.batch_slicing = False
     with torch.no_grad():
         for start in range(0, count, batch):
-            x = images_to_tensor([world_item(seed, "train", i)[0] for i in range(start, min(count, start + batch))])
+            x = images_to_tensor([world_item(seed, "train", i, size)[0]
+                                  for i in range(start, min(count, start + batch))])
             out.append(vae.encode(x, tile=None).float())
     return torch.cat(out)
 
 
-def cached_latent_pool(run_dir: Path, vae_folder: Path, seed: int, count: int, log=print) -> torch.Tensor:
+def cached_latent_pool(run_dir: Path, vae_folder: Path, seed: int, count: int, log=print,
+                       size: int = IMAGE_SIZE) -> torch.Tensor:
     """The pool, cached beside the run (keyed by the VAE file's size/mtime and the count)."""
     st = (Path(vae_folder) / "model.safetensors").stat()
     cfg_file = Path(vae_folder) / "config.json"
     digest = hashlib.sha256(cfg_file.read_bytes() if cfg_file.is_file() else b"").hexdigest()[:16]
-    key = f"{seed}-{count}-{st.st_size}-{st.st_mtime_ns}-{digest}"
+    key = f"{seed}-{count}-{st.st_size}-{st.st_mtime_ns}-{digest}" + (f"-{size}px" if size != IMAGE_SIZE else "")
     path = Path(run_dir) / "latent_pool.safetensors"
     if path.is_file():
         from safetensors import safe_open
@@ -617,7 +656,7 @@ def cached_latent_pool(run_dir: Path, vae_folder: Path, seed: int, count: int, l
 
     t0 = time.perf_counter()
     vae = load_qwen_vae(vae_folder, dtype=torch.float32)
-    pool = build_latent_pool(vae, seed, count)
+    pool = build_latent_pool(vae, seed, count, size=size)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic({"latents": pool}, path, {"key": key})
     log(f"encoded a pool of {count} latents in {time.perf_counter() - t0:.1f}s "
@@ -681,15 +720,40 @@ def dit_velocity(dit, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, ma
 
 
 def flow_matching_loss(dit, x0: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor,
-                       generator: torch.Generator, mu: float) -> tuple[torch.Tensor, dict]:
+                       generator: torch.Generator, mu: float, weights: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict]:
+    """Flow-matching MSE; ``weights`` (B, 1, h, w), when given, weighs latent pixels (normalised
+    by their mean, so the loss keeps its scale)."""
     b = x0.shape[0]
     t = sample_t(generator, b, mu)
     noise = torch.randn(x0.shape, generator=generator)
     tb = t.view(b, 1, 1, 1)
     xt = tb * noise + (1.0 - tb) * x0
     v = dit_velocity(dit, xt, t, hidden, mask)
-    loss = F.mse_loss(v, noise - x0)
+    if weights is None:
+        loss = F.mse_loss(v, noise - x0)
+    else:
+        w = weights.expand_as(v)
+        loss = (w * (v - (noise - x0)).square()).sum() / w.sum()
     return loss, {"t_mean": t.mean()}
+
+
+def object_weights(seed: int, indices: Sequence[int], latent_side: int, weight: float) -> torch.Tensor:
+    """(B, 1, h, w) loss weights of pool scenes: 1 on the background, ``1 + weight`` on the latent
+    pixels an object covers (its mask at latent resolution, grown by one latent pixel: the VAE
+    decodes an edge from its neighbours too). Objects are a few percent of a picture, so a plain
+    MSE spends most of its gradient on the background; this puts it where the shapes are."""
+    w = _world()
+    out = np.ones((len(indices), 1, latent_side, latent_side), np.float32)
+    for b, i in enumerate(indices):
+        scene = world_scene(seed, "train", int(i))
+        cover = np.zeros((latent_side, latent_side), np.float32)
+        for obj in scene.objects:
+            cover = np.maximum(cover, w._shape_mask(obj, latent_side))
+        out[b, 0] += weight * (cover > 0.05)
+    mask = torch.from_numpy(out)
+    grown = F.max_pool2d(mask - 1.0, 3, stride=1, padding=1)  # dilate the object area by one pixel
+    return 1.0 + grown
 
 
 def _pool_size(cfg: StageConfig) -> int:
@@ -707,24 +771,57 @@ class RawTrainer(Trainer):
         model = DiTWithText(dit, te.tower.requires_grad_(True)) if cfg.train_text else dit
         super().__init__(cfg, run_dir, seed, model, log)
         self.te = te
-        self.pool = cached_latent_pool(run_dir, Path(weights) / "vae", seed, _pool_size(cfg), log)
-        self.mu = nano_mu()
+        self.pool = cached_latent_pool(run_dir, Path(weights) / "vae", seed, _pool_size(cfg), log, cfg.image_size)
+        self.mu = nano_mu(cfg.image_size)
 
     def batch(self, step: int, rng: np.random.Generator):
         idx = rng.integers(0, self.pool.shape[0], self.cfg.batch)
         captions = pool_captions(self.seed, idx, rng)
         drop = rng.random(len(captions)) < CAPTION_DROPOUT
         captions = [UNCOND_PROMPT if d else c for c, d in zip(captions, drop)]
+        self._batch_indices = idx
         return self.pool[torch.from_numpy(idx)], captions
 
     def loss(self, step: int):
         gen, rng = step_rngs(self.seed, self.stage, step)
         x0, captions = self.batch(step, rng)
+        now = settings_at(self.cfg, step)
+        weights = (object_weights(self.seed, self._batch_indices, x0.shape[-1], now.object_weight)
+                   if now.object_weight > 0 else None)
+        mu = self.mu + now.t_offset
         if self.cfg.train_text:
             hidden, mask = encode_text_trainable(self.te, captions)
-            return flow_matching_loss(self.model.dit, x0, hidden, mask, gen, self.mu)
+            return flow_matching_loss(self.model.dit, x0, hidden, mask, gen, mu, weights)
         hidden, mask = encode_text(self.te, captions)
-        return flow_matching_loss(self.model, x0, hidden, mask, gen, self.mu)
+        return flow_matching_loss(self.model, x0, hidden, mask, gen, mu, weights)
+
+
+class Raw128Trainer(RawTrainer):
+    """The raw stage continued at 128x128 (v2): same model, loss and data, four times the tokens.
+
+    A fresh run starts from the EMA of ``init`` (the 64x64 raw stage's last checkpoint) for the
+    weights and their EMA, with a fresh optimizer (its warm-up re-estimates the moments at the
+    new resolution); ``--resume`` continues its own checkpoints instead."""
+
+    stage = "raw128"
+
+    def __init__(self, cfg: StageConfig, run_dir: Path, seed: int, *, weights: Path, init: Path | None, log=print):
+        super().__init__(cfg, run_dir, seed, weights=weights, log=log)
+        self.init = init
+
+    def start_from(self, ckpt: Path) -> None:
+        state = _load_tensors(Path(ckpt) / "ema.safetensors")
+        self.model.load_state_dict(state)
+        for k, v in self.model.state_dict().items():
+            self.ema[k].copy_(v)
+        self.log(f"[{self.stage}] initialised from the EMA of {ckpt}")
+
+    def run(self, steps: int | None = None, *, resume: bool = False) -> None:
+        if not (resume and list_checkpoints(self.run_dir)):
+            if self.init is None:
+                raise SystemExit("raw128 starts from a raw checkpoint: run the raw stage first (or pass --init)")
+            self.start_from(self.init)
+        super().run(steps, resume=resume)
 
 
 class TurboTrainer(Trainer):
@@ -772,7 +869,8 @@ class TurboTrainer(Trainer):
         captions = pool_captions(self.seed, idx, rng)
         k = int(rng.integers(0, TURBO_STEPS))
         hidden, mask = encode_text(self.te, captions)
-        noise = torch.randn((self.cfg.batch, 16, IMAGE_SIZE // 8, IMAGE_SIZE // 8), generator=gen)
+        side = self.cfg.image_size // 8
+        noise = torch.randn((self.cfg.batch, 16, side, side), generator=gen)
         x, v_target = self.targets(noise, hidden, mask, k)
         t = torch.full((x.shape[0],), self.sigmas[k])
         v = dit_velocity(self.model, x, t, hidden, mask)
@@ -830,12 +928,33 @@ def run_raw(out: Path, cfg: StageConfig, *, seed: int = DEFAULT_SEED, resume: bo
     ensure_text_encoder(out, seed, log)
     tr = RawTrainer(cfg, Path(out) / "raw", seed, weights=weights, log=log)
     tr.run(resume=resume)
+    export_raw(tr, weights, seed, log)
+    return tr
+
+
+def export_raw(tr: RawTrainer, weights: Path, seed: int, log=print) -> None:
+    """The EMA of a raw or raw128 run: the transformer to ``weights/raw`` and, when it trained,
+    the text tower over ``weights/text_encoder`` (tokenizer untouched)."""
     dit_state, tower_state = split_dit_with_text(tr.export_state())
     export_dit(dit_state, weights / "raw", what="Raw", seed=seed, step=tr.step)
     if tower_state is not None:
         export_text_tower(tower_state, weights / "text_encoder", seed=seed, step=tr.step)
-        log(f"[raw] exported the trained text tower to {weights / 'text_encoder'}")
-    log(f"[raw] exported {weights / 'raw'}")
+        log(f"[{tr.stage}] exported the trained text tower to {weights / 'text_encoder'}")
+    log(f"[{tr.stage}] exported {weights / 'raw'}")
+
+
+def run_raw128(out: Path, cfg: StageConfig, *, seed: int = DEFAULT_SEED, resume: bool = False, log=print,
+               init: Path | None = None) -> Raw128Trainer:
+    """The raw stage at 128x128, started from ``init`` (default: the last checkpoint of ``out/raw``)."""
+    weights = Path(out) / "weights"
+    if not (weights / "text_encoder" / "tokenizer.json").is_file():
+        raise SystemExit(f"{weights / 'text_encoder'} is missing: run the raw stage first")
+    if init is None:
+        previous = list_checkpoints(Path(out) / "raw")
+        init = previous[-1] if previous else None
+    tr = Raw128Trainer(cfg, Path(out) / "raw128", seed, weights=weights, init=init, log=log)
+    tr.run(resume=resume)
+    export_raw(tr, weights, seed, log)
     return tr
 
 
@@ -851,7 +970,7 @@ def run_turbo(out: Path, cfg: StageConfig, *, seed: int = DEFAULT_SEED, resume: 
     return tr
 
 
-RUNNERS = {"vae": run_vae, "raw": run_raw, "turbo": run_turbo}
+RUNNERS = {"vae": run_vae, "raw": run_raw, "raw128": run_raw128, "turbo": run_turbo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -873,6 +992,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="raw: train the text tower with the transformer")
     ap.add_argument("--eval-images", type=int, help="vae: held-out scenes for the PSNR")
     ap.add_argument("--stats-images", type=int, help="vae: scenes for the latent statistics")
+    ap.add_argument("--image-size", type=int, help="raw/raw128/turbo: side of the training renders")
+    ap.add_argument("--object-weight", type=float, help="raw/raw128: extra loss weight on object pixels")
+    ap.add_argument("--t-offset", type=float, help="raw/raw128: shift of the training times' logit-normal location")
+    ap.add_argument("--init", type=Path, help="raw128: the raw checkpoint to start from (default: the last of OUT/raw)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on shared cores extra OpenMP threads spin and slow everyone)")
     args = ap.parse_args(argv)
@@ -888,10 +1011,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                            log_every=args.log_every, eval_every=args.eval_every,
                            pool=args.pool if stage != "vae" else None,
                            teacher_substeps=args.teacher_substeps if stage == "turbo" else None,
-                           dit_size=args.dit_size if stage == "raw" else None,
-                           train_text=args.train_text if stage == "raw" else None,
-                           eval_images=args.eval_images, stats_images=args.stats_images)
-        RUNNERS[stage](out, cfg, seed=args.seed, resume=args.resume, log=log)
+                           dit_size=args.dit_size if stage in ("raw", "raw128") else None,
+                           train_text=args.train_text if stage in ("raw", "raw128") else None,
+                           eval_images=args.eval_images, stats_images=args.stats_images,
+                           image_size=args.image_size if stage != "vae" else None,
+                           object_weight=args.object_weight if stage in ("raw", "raw128") else None,
+                           t_offset=args.t_offset if stage in ("raw", "raw128") else None)
+        extra = {"init": args.init} if stage == "raw128" else {}
+        RUNNERS[stage](out, cfg, seed=args.seed, resume=args.resume, log=log, **extra)
     return 0
 
 

@@ -1,6 +1,8 @@
-"""The nano synthetic world: a deterministic generator of 64x64 scenes and their captions.
+"""The nano synthetic world: a deterministic generator of scenes and their captions.
 
-The nano models (f8 VAE -> 8x8x16 latents -> 16 image tokens) are trained and evaluated on this
+Geometry is defined at 64x64 and drawn at any size (``render(scene, size)``). The v1 nano models
+drew it at 64 (f8 VAE -> 8x8x16 latents -> 16 image tokens); v2 draws it at 128 (16x16x16
+latents, 64 tokens, objects of 20 and 32 px). The models are trained and evaluated on this
 world; :mod:`nanodev.scorer` reads generated images back and checks them against a scene
 or a caption. Only numpy and Pillow are used (no torch at import).
 

@@ -46,14 +46,14 @@ NANO_PRESETS = (
     ModelDescriptor(
         name="krea2-nano-turbo", summary="krea2kit's embedded nano model (Turbo-style: 8 steps, guidance 0)",
         dit_config="", vae_config="",
-        steps=8, guidance=0.0, mu=1.15, width=64, height=64, release_text_encoder=False, layout="compact",
+        steps=8, guidance=0.0, mu=1.15, width=128, height=128, release_text_encoder=False, layout="compact",
         weights={"dit": "krea2kit:nano/weights/turbo", "text_encoder": "krea2kit:nano/weights/text_encoder",
                  "vae": "krea2kit:nano/weights/vae"},
     ),
     ModelDescriptor(
         name="krea2-nano-raw", summary="krea2kit's embedded nano model (Raw-style: guidance on, resolution-aware mu)",
         dit_config="", vae_config="",
-        steps=24, guidance=3.5, mu=None, width=64, height=64, release_text_encoder=False, layout="compact",
+        steps=24, guidance=3.5, mu=None, width=128, height=128, release_text_encoder=False, layout="compact",
         weights={"dit": "krea2kit:nano/weights/raw", "text_encoder": "krea2kit:nano/weights/text_encoder",
                  "vae": "krea2kit:nano/weights/vae"},
     ),

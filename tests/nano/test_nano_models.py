@@ -24,16 +24,20 @@ from nanodev.evaluate import heldout_captions, recipe_text
 
 pytestmark = pytest.mark.slow
 
-# Number of held-out captions per CLI run (64x64 images: about 0.1 s each once loaded).
+# Number of held-out captions per CLI run (128x128 images: about 0.2 s each once loaded).
 COUNT = 24
-# Mean adherence floors, about 5 points under what the shipped weights score on exactly these
-# renders (measured: Turbo 0.674, Raw 0.678 on the 24 captions; quickstart 0.76 over its 4 images).
-TURBO_MIN_ADHERENCE = 0.62
-RAW_MIN_ADHERENCE = 0.63
-QUICKSTART_MIN_ADHERENCE = 0.70
-# Guidance on nano Raw must raise the colour check's pass rate by this much over guidance 0
-# (measured 0.73 vs 0.61).
-GUIDANCE_COLOUR_GAIN = 0.06
+# Mean adherence floors, about 5 points under what the shipped (v2, 128x128) weights score on
+# exactly these renders (measured: Turbo 0.859, Raw 0.869 on the 24 captions; quickstart 1.00
+# over its 5 images). v1 scored 0.674 / 0.678 / 0.76 here.
+TURBO_MIN_ADHERENCE = 0.81
+RAW_MIN_ADHERENCE = 0.82
+QUICKSTART_MIN_ADHERENCE = 0.90
+# Shapes are drawn, not guessed: the shape check passes at least this often (measured 0.756 on
+# Turbo, 0.78 on Raw; chance is 0.2, v1 scored 0.2-0.25).
+MIN_SHAPE = 0.65
+# Guidance on nano Raw must raise the shape check's pass rate by this much over guidance 0
+# (measured 0.78 vs 0.61; v1's guidance bought colour instead).
+GUIDANCE_SHAPE_GAIN = 0.10
 
 
 def render(cli, tmp_path: Path, name: str, captions, **sampler) -> list[Path]:
@@ -61,17 +65,18 @@ def summary(paths, captions) -> dict[str, float]:
 def test_turbo_follows_heldout_captions(cli, tmp_path):
     captions = heldout_captions(COUNT)
     paths = render(cli, tmp_path, "turbo", captions)
-    assert summary(paths, captions)["mean_adherence"] >= TURBO_MIN_ADHERENCE
+    result = summary(paths, captions)
+    assert result["mean_adherence"] >= TURBO_MIN_ADHERENCE and result["shape"] >= MIN_SHAPE, result
 
 
 def test_raw_follows_heldout_captions_and_guidance_helps(cli, tmp_path):
     captions = heldout_captions(COUNT)
     guided = summary(render(cli, tmp_path, "raw", captions, preset="krea2-nano-raw"), captions)
     unguided = summary(render(cli, tmp_path, "raw-g0", captions, preset="krea2-nano-raw", guidance=0.0), captions)
-    assert guided["mean_adherence"] >= RAW_MIN_ADHERENCE
+    assert guided["mean_adherence"] >= RAW_MIN_ADHERENCE and guided["shape"] >= MIN_SHAPE, guided
     assert guided["mean_adherence"] > unguided["mean_adherence"]
-    # Guidance mostly buys colour binding (measured on these captions: 0.73 vs 0.61).
-    assert guided["colour"] >= unguided["colour"] + GUIDANCE_COLOUR_GAIN
+    # Guidance mostly buys shapes (measured on these captions: 0.78 vs 0.61).
+    assert guided["shape"] >= unguided["shape"] + GUIDANCE_SHAPE_GAIN, (guided, unguided)
 
 
 def test_same_seed_same_pixels_other_seed_other_image(cli, tmp_path):
@@ -88,10 +93,10 @@ def test_shift_changes_the_image(cli, tmp_path):
     captions = heldout_captions(3)
     default = render(cli, tmp_path, "mu-default", captions)          # Turbo preset: mu 1.15
     shifted = render(cli, tmp_path, "mu-low", captions, mu=-1.0)      # most steps at low noise
-    # Visibly: pixels that move by more than 16 levels (measured 51, 304 and 1591 of 4096).
+    # Visibly: pixels that move by more than 16 levels (measured 1840, 1474 and 1558 of 16384).
     changed = [int((np.abs(pixels(p).astype(int) - pixels(q).astype(int)).max(-1) > 16).sum())
                for p, q in zip(default, shifted)]
-    assert min(changed) >= 25, changed
+    assert min(changed) >= 200, changed
 
 
 def test_quickstart_recipe_matches_its_prompts(cli, tmp_path):

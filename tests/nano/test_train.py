@@ -193,13 +193,16 @@ def test_cli_refuses_to_overwrite_without_resume(run_dir):
         T.main(["vae", "--out", str(run_dir), *TINY])
 
 
-@pytest.mark.parametrize("stage", ["vae", "raw"])
+@pytest.mark.parametrize("stage", ["vae", "raw", "raw128"])
 def test_resume_gives_identical_continuation(run_dir, tmp_path, stage):
     cfg = T.stage_config(stage, steps=3, batch=2, pool=8, ckpt_every=1, log_every=1, eval_every=0)
 
     def trainer(folder):
         if stage == "vae":
             return T.VAETrainer(cfg, folder, 7, log=lambda m: None)
+        if stage == "raw128":
+            return T.Raw128Trainer(cfg, folder, 7, weights=run_dir / "weights",
+                                   init=T.list_checkpoints(run_dir / "raw")[-1], log=lambda m: None)
         return T.RawTrainer(cfg, folder, 7, weights=run_dir / "weights", log=lambda m: None)
 
     straight = trainer(tmp_path / "a")
@@ -211,7 +214,7 @@ def test_resume_gives_identical_continuation(run_dir, tmp_path, stage):
     assert resumed.step == straight.step == 3
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    if stage == "raw":
+    if stage != "vae":
         assert all(torch.equal(straight.ema[k], resumed.ema[k]) for k in straight.ema)
     # the resumed run's log reads as one uninterrupted run
     logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -237,3 +240,69 @@ def test_t_sampling_is_the_shifted_logit_normal():
     assert abs(float(logit.mean()) - mu) < 0.03 and abs(float(logit.std()) - 1.0) < 0.03
     assert 0.0 < float(t.min()) and float(t.max()) < 1.0
     assert np.isclose(mu, 0.5 - 0.65 * 240 / 6144)  # 64x64 -> 16 tokens on the official mu line
+
+
+def test_raw128_starts_from_the_raw_ema_and_trains_at_128(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    init = T.list_checkpoints(run_dir / "raw")[-1]
+    cfg = T.stage_config("raw128", steps=1, batch=2, pool=4, ckpt_every=1, log_every=1)
+    assert cfg.image_size == T.SHIPPED_IMAGE_SIZE == 128
+    tr = T.Raw128Trainer(cfg, tmp_path / "r", 7, weights=run_dir / "weights", init=init, log=lambda m: None)
+    # the pool holds 128x128 renders: 16x16 latents, 64 image tokens
+    assert tuple(tr.pool.shape) == (4, 16, 16, 16)
+    assert np.isclose(tr.mu, T.nano_mu(128)) and tr.mu != T.nano_mu()
+    tr.start_from(init)
+    ema = load_file(str(init / "ema.safetensors"))
+    state = tr.model.state_dict()
+    assert sorted(state) == sorted(ema) and all(torch.equal(state[k], ema[k]) for k in ema)
+    assert all(torch.equal(tr.ema[k], ema[k]) for k in ema)
+    # without a raw checkpoint to start from, the stage says what to run first
+    with pytest.raises(SystemExit, match="raw stage first"):
+        T.Raw128Trainer(cfg, tmp_path / "none", 7, weights=run_dir / "weights", init=None, log=lambda m: None).run()
+
+
+def test_turbo_distils_at_the_shipped_size(run_dir):
+    cfg = T.stage_config("turbo", batch=2, pool=8, teacher_substeps=1)
+    assert cfg.image_size == 128
+    tr = T.TurboTrainer(cfg, run_dir / "turbo-size", 0, weights=run_dir / "weights", log=lambda m: None)
+    loss, info = tr.loss(0)
+    assert math.isfinite(float(loss.detach())) and 0 <= float(info["interval"]) < T.TURBO_STEPS
+
+
+def test_object_weights_cover_the_objects_and_keep_the_loss_scale():
+    w = T.object_weights(0, [0, 1, 2, 3], 16, 4.0)
+    assert w.shape == (4, 1, 16, 16) and set(torch.unique(w).tolist()) <= {1.0, 5.0}
+    for b, i in enumerate(range(4)):
+        scene = T.world_scene(0, "train", i)
+        for obj in scene.objects:  # every object's centre latent pixel is weighted
+            cx, cy = int((obj.col + 0.5) * 16 / 3), int((obj.row + 0.5) * 16 / 3)
+            assert w[b, 0, cy, cx] == 5.0, (i, obj)
+        assert 0.02 < float((w[b] > 1).float().mean()) < 0.6  # objects (grown by a pixel), not the picture
+    # uniform weights give exactly the plain MSE
+    dit = T.new_nano_dit(5)
+    x0 = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    hidden, mask = torch.randn(2, 5, 12, 64), torch.ones(2, 5, dtype=torch.bool)
+    plain = T.flow_matching_loss(dit, x0, hidden, mask, torch.Generator().manual_seed(3), 0.5)[0]
+    ones = T.flow_matching_loss(dit, x0, hidden, mask, torch.Generator().manual_seed(3), 0.5,
+                                torch.ones(2, 1, 8, 8))[0]
+    assert torch.allclose(plain, ones, rtol=1e-6)
+
+
+def test_phases_change_the_loss_and_rate_from_their_step(run_dir, tmp_path):
+    init = T.list_checkpoints(run_dir / "raw")[-1]
+
+    def loss_at(step, **cfg):
+        c = T.stage_config("raw128", batch=2, pool=4, **cfg)
+        tr = T.Raw128Trainer(c, tmp_path / "r", 7, weights=run_dir / "weights", init=init, log=lambda m: None)
+        tr.start_from(init)
+        return float(tr.loss(step)[0].detach())
+
+    plain = loss_at(3)
+    focus = {"object_weight": 4.0, "t_offset": 1.0}
+    assert loss_at(3, phases=((4, focus),)) == plain    # before the phase starts
+    assert loss_at(3, phases=((3, focus),)) != plain    # from it on
+    assert loss_at(3, phases=((3, focus),)) == loss_at(3, **focus)
+    cfg = T.stage_config("raw128", lr=1e-3, warmup=1, phases=((2, focus), (5, {"lr": 2e-4})))
+    assert [T.lr_at(cfg, s) for s in (0, 4, 5, 9)] == [1e-3, 1e-3, 2e-4, 2e-4]
+    assert T.settings_at(cfg, 2).object_weight == 4.0 and T.settings_at(cfg, 1).object_weight == 0.0

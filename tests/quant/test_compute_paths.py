@@ -346,9 +346,11 @@ def test_cli_records_the_compute_path_beside_the_storage(cli_inproc, tmp_path):
     assert meta_plain["weights"]["dit"]["compute"] == DEQUANTIZE
     assert meta_plain["weights"]["dit"]["identity"].endswith("compute=dequantize-per-layer")
     diff = np.abs(np.frombuffer(px, np.uint8).astype(int) - np.frombuffer(px_plain, np.uint8).astype(int))
-    # nano Turbo, 64x64, 8 steps, fp8 transformer and int8 text encoder: measured max 9 levels,
-    # mean 0.09 between the two paths (activations rounded to fp8 / int8 in every layer)
-    assert diff.max() <= 24 and diff.mean() < 0.5, (diff.max(), diff.mean())
+    # nano Turbo v2, 128x128, 8 steps, fp8 transformer and int8 text encoder: measured mean 0.17
+    # levels between the two paths (activations rounded to fp8 / int8 in every layer), max 29 where
+    # a sharp edge moved by a pixel (v1's blobs: max 9, mean 0.09)
+    moved = float((diff.reshape(-1, 3).max(-1) > 16).mean())
+    assert diff.mean() < 0.5 and moved <= 0.02, (diff.max(), diff.mean(), moved)
 
 
 def test_a_bad_value_is_refused_naming_the_key(cli_inproc):

@@ -231,8 +231,6 @@ def test_lora_on_a_quantized_base_equals_lora_on_its_dequantized_base(tmp_path, 
 
 RECIPE = """
 seed = 3
-width = 64
-height = 64
 prompt = "a red circle on a white background"
 [sampler]
 steps = 3
@@ -275,9 +273,13 @@ def test_cli_renders_community_files_close_to_the_full_precision_render(cli, tmp
     for name, storage in (("fp8", "fp8_scaled"), ("q8", "gguf-Q8_0"), ("te", None)):
         px, meta = images[name]
         diff = abs(px - plain)
-        # Measured on the nano Turbo, 64x64, 3 steps: fp8_scaled max 1 level (mean 0.06), Q8_0 max 1
-        # (mean 0.015), fp8_scaled text encoder max 1 (mean 0.003).
-        assert diff.max() <= 3 and diff.mean() < 0.5, (name, diff.max(), diff.mean())
+        # Measured on the nano Turbo v2, 128x128, 3 steps: fp8_scaled mean 0.32 levels with 0.61 % of
+        # the pixels off by more than 16 (an edge moved by a pixel: v2 draws sharp shapes, so one
+        # such pixel can differ by 60 levels; v1's blobs kept every pixel within 1), Q8_0 mean 0.11
+        # and 0.08 %, the fp8_scaled text encoder mean 0.09 and 0.16 %.
+        moved = float((diff.max(-1) > 16).mean())
+        print(f"{name}: mean {diff.mean():.3f} levels, max {diff.max()}, {moved:.2%} of pixels off by > 16")
+        assert diff.mean() < 0.5 and moved <= 0.02, (name, diff.max(), diff.mean(), moved)
         if storage:
             assert f"storage={storage} " in meta["weights"]["dit"]["identity"] + " "
 
