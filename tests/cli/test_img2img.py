@@ -87,7 +87,10 @@ def test_moderate_strength_stays_closer_to_the_init_than_text_to_image(render, r
 
     plain = distance(render("plain"))
     light = distance(render("light", 'init.image="init.png"', "init.strength=0.25"))
-    heavy = distance(render("heavy", 'init.image="init.png"', "init.strength=0.75"))
+    heavy = distance(render("heavy", 'init.image="init.png"', "init.strength=0.5"))
+    # measured on nano Turbo v2 (mean levels from the round trip): 0.1 -> 0.5, 0.25 -> 78.8,
+    # 0.5 -> 94.4, 0.75 -> 105.1, text-to-image 104.8 (v2 redraws this off-world picture as its
+    # own world from about 0.75 on, so the heavy case is 0.5)
     assert light < heavy < plain
 
 
