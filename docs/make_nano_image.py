@@ -1,12 +1,12 @@
 """Render the README's nano image: recipes/quickstart.toml through the real CLI, each picture
 with its prompt and the nano scorer's verdict under it.
 
-    PYTHONPATH=nano-train python docs/make_nano_image.py     # writes docs/nano-quickstart.png
+    python docs/make_nano_image.py     # writes docs/nano-quickstart.png
 
-Run from a repository checkout (the scorer lives in ``nano-train/``, not in the package). Each
-128x128 image is shown 2x larger (nearest neighbour, so no detail is invented). Under it: the
-prompt, the scorer's adherence (the fraction of its checks that pass) and what it saw per
-object (colour, shape, place), so a reader can check the score against the picture by eye.
+Run from a repository checkout: the scorer lives in ``nano-train/`` (put on the path here), not in
+the package. Each 128x128 image is shown 2x larger (nearest neighbour, so no detail is invented).
+Under it: the prompt, the scorer's adherence (the fraction of its checks that pass) and what it
+saw per object (colour, shape, place), so a reader can check the score against the picture by eye.
 """
 
 from __future__ import annotations

@@ -80,11 +80,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# optimizer state as safetensors + JSON (never pickle): the same files `krea2kit train` resumes from
-from krea2kit.train.checkpoint import optimizer_from_files, optimizer_to_files
+# checkpoint files and optimizer state as safetensors + JSON (never pickle): the same writer and
+# files `krea2kit train` resumes from
+from krea2kit.train.checkpoint import load_tensors, optimizer_from_files, optimizer_to_files, save_tensors
 
 DEFAULT_SEED = 20261125
 STAGES = ("vae", "raw", "raw128", "turbo")
+RAW_STAGES = ("raw", "raw128")  # the flow-matching stages (their CLI options apply to both)
 STAGE_IDS = {"vae": 1, "raw": 2, "turbo": 3, "pool": 4, "raw128": 5}
 CKPT_PREFIX = "ckpt-"
 KEEP_CHECKPOINTS = 2
@@ -144,7 +146,6 @@ DEFAULTS: dict[str, StageConfig] = {
     # plateaued at 0.53-0.55 (3,500-5,000 steps), trained it reached 0.63 by 3,000 (MODEL_CARD.md).
     "raw": StageConfig(steps=4500, batch=32, lr=1e-3, warmup=500, weight_decay=0.01, ema=0.999, pool=16384,
                        ckpt_every=500, eval_every=0),
-    # EMA 0.995 so the short run's average is recent.
     # v2: the Raw at 128x128, warm-started from the 64x64 raw stage's EMA (transformer and text
     # tower): it already binds colour and place, and the VAE's latents mean the same at both
     # sizes (held-out reconstructions at 128: adherence 0.97, shape 0.91; at 64: 0.95, 0.85).
@@ -155,7 +156,8 @@ DEFAULTS: dict[str, StageConfig] = {
                           pool=16384, ckpt_every=250, eval_every=0, image_size=SHIPPED_IMAGE_SIZE,
                           phases=((1250, {"object_weight": 4.0, "t_offset": 1.0}),)),
     # v2: 300 steps (a trial distilled from the step-3,500 Raw scored 0.803 / 0.822 / 0.811 held out
-    # at 150 / 300 / 450 steps against its teacher's 0.830; v1 peaked at 250 of 1,000).
+    # at 150 / 300 / 450 steps against its teacher's 0.830; v1 peaked at 250 of 1,000); EMA 0.995
+    # so the short run's average is recent.
     "turbo": StageConfig(steps=300, batch=16, lr=3e-4, warmup=100, weight_decay=0.01, ema=0.995, pool=16384,
                          ckpt_every=100, eval_every=0, image_size=SHIPPED_IMAGE_SIZE),
 }
@@ -211,18 +213,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 # Checkpoints (safetensors + JSON, never pickles)
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 def checkpoint_step(path: Path) -> int:
     """The optimizer step of a ``ckpt-NNNNNNN`` folder."""
     return int(Path(path).name[len(CKPT_PREFIX):])
@@ -243,11 +233,11 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, opt: torch
     tmp = run_dir / f".tmp-{CKPT_PREFIX}{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _save_tensors(model.state_dict(), tmp / "model.safetensors")
+    save_tensors(model.state_dict(), tmp / "model.safetensors")
     if ema is not None:
-        _save_tensors(ema, tmp / "ema.safetensors")
+        save_tensors(ema, tmp / "ema.safetensors")
     opt_tensors, opt_meta = optimizer_to_files(opt)
-    _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+    save_tensors(opt_tensors, tmp / "optimizer.safetensors")
     state = {"format": FORMAT, "step": step, "optimizer": opt_meta, "extra": extra}
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     shutil.rmtree(final, ignore_errors=True)
@@ -262,10 +252,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     state = json.loads((path / "state.json").read_text())
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
-    model.load_state_dict(_load_tensors(path / "model.safetensors"))
-    optimizer_from_files(opt, _load_tensors(path / "optimizer.safetensors"), state["optimizer"])
+    model.load_state_dict(load_tensors(path / "model.safetensors"))
+    optimizer_from_files(opt, load_tensors(path / "optimizer.safetensors"), state["optimizer"])
     if ema is not None:
-        saved = _load_tensors(path / "ema.safetensors")
+        saved = load_tensors(path / "ema.safetensors")
         for k in ema:
             ema[k].copy_(saved[k])
     return state
@@ -744,16 +734,12 @@ def object_weights(seed: int, indices: Sequence[int], latent_side: int, weight: 
     decodes an edge from its neighbours too). Objects are a few percent of a picture, so a plain
     MSE spends most of its gradient on the background; this puts it where the shapes are."""
     w = _world()
-    out = np.ones((len(indices), 1, latent_side, latent_side), np.float32)
+    covered = np.zeros((len(indices), 1, latent_side, latent_side), np.float32)
     for b, i in enumerate(indices):
-        scene = world_scene(seed, "train", int(i))
-        cover = np.zeros((latent_side, latent_side), np.float32)
-        for obj in scene.objects:
-            cover = np.maximum(cover, w._shape_mask(obj, latent_side))
-        out[b, 0] += weight * (cover > 0.05)
-    mask = torch.from_numpy(out)
-    grown = F.max_pool2d(mask - 1.0, 3, stride=1, padding=1)  # dilate the object area by one pixel
-    return 1.0 + grown
+        for obj in world_scene(seed, "train", int(i)).objects:
+            covered[b, 0] = np.maximum(covered[b, 0], w._shape_mask(obj, latent_side) > 0.05)
+    grown = F.max_pool2d(torch.from_numpy(covered), 3, stride=1, padding=1)  # one latent pixel wider
+    return 1.0 + weight * grown
 
 
 def _pool_size(cfg: StageConfig) -> int:
@@ -779,14 +765,13 @@ class RawTrainer(Trainer):
         captions = pool_captions(self.seed, idx, rng)
         drop = rng.random(len(captions)) < CAPTION_DROPOUT
         captions = [UNCOND_PROMPT if d else c for c, d in zip(captions, drop)]
-        self._batch_indices = idx
-        return self.pool[torch.from_numpy(idx)], captions
+        return self.pool[torch.from_numpy(idx)], captions, idx
 
     def loss(self, step: int):
         gen, rng = step_rngs(self.seed, self.stage, step)
-        x0, captions = self.batch(step, rng)
+        x0, captions, idx = self.batch(step, rng)
         now = settings_at(self.cfg, step)
-        weights = (object_weights(self.seed, self._batch_indices, x0.shape[-1], now.object_weight)
+        weights = (object_weights(self.seed, idx, x0.shape[-1], now.object_weight)
                    if now.object_weight > 0 else None)
         mu = self.mu + now.t_offset
         if self.cfg.train_text:
@@ -810,7 +795,7 @@ class Raw128Trainer(RawTrainer):
         self.init = init
 
     def start_from(self, ckpt: Path) -> None:
-        state = _load_tensors(Path(ckpt) / "ema.safetensors")
+        state = load_tensors(Path(ckpt) / "ema.safetensors")
         self.model.load_state_dict(state)
         for k, v in self.model.state_dict().items():
             self.ema[k].copy_(v)
@@ -1011,12 +996,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                            log_every=args.log_every, eval_every=args.eval_every,
                            pool=args.pool if stage != "vae" else None,
                            teacher_substeps=args.teacher_substeps if stage == "turbo" else None,
-                           dit_size=args.dit_size if stage in ("raw", "raw128") else None,
-                           train_text=args.train_text if stage in ("raw", "raw128") else None,
+                           dit_size=args.dit_size if stage in RAW_STAGES else None,
+                           train_text=args.train_text if stage in RAW_STAGES else None,
                            eval_images=args.eval_images, stats_images=args.stats_images,
                            image_size=args.image_size if stage != "vae" else None,
-                           object_weight=args.object_weight if stage in ("raw", "raw128") else None,
-                           t_offset=args.t_offset if stage in ("raw", "raw128") else None)
+                           object_weight=args.object_weight if stage in RAW_STAGES else None,
+                           t_offset=args.t_offset if stage in RAW_STAGES else None)
         extra = {"init": args.init} if stage == "raw128" else {}
         RUNNERS[stage](out, cfg, seed=args.seed, resume=args.resume, log=log, **extra)
     return 0

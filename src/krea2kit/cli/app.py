@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -256,7 +255,6 @@ def recipe_show(ctx, file, overrides, as_json):
     """Print the fully resolved recipe (defaults and overrides applied) of FILE or an image."""
     from krea2kit.api import Session
     from krea2kit.cli.run_cmd import load_and_report
-
     from krea2kit.errors import RecipeError
 
     out: Output = ctx.obj
@@ -282,10 +280,10 @@ def recipe_show(ctx, file, overrides, as_json):
 @click.pass_context
 def recipe_schema(ctx, train_schema=False):
     """Print the recipe JSON Schema (for editor completion of TOML keys)."""
-    from krea2kit.recipe.schema import json_schema
-
     if train_schema:
         from krea2kit.train.schema import json_schema
+    else:
+        from krea2kit.recipe.schema import json_schema
     ctx.obj.data(json.dumps(json_schema(), indent=2))
 
 

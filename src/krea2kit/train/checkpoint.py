@@ -49,7 +49,9 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(step_seed(seed, step, stream))
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file of a checkpoint folder: CPU copies, the user's file mode, fsynced
+    (the folder is renamed into place afterwards). Also the nano trainer's checkpoint writer."""
     from safetensors.torch import save_file
 
     from krea2kit.files import user_file_mode
@@ -61,7 +63,8 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
         os.fsync(f.fileno())
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one checkpoint file (safetensors: nothing executes)."""
     from safetensors.torch import load_file
 
     return load_file(str(path))
@@ -144,10 +147,10 @@ def save_checkpoint(work_dir: Path, step: int, *, adapter: dict[str, torch.Tenso
     tmp = work_dir / f"{_TMP}{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        _save(adapter, tmp / "adapter.safetensors")
+        save_tensors(adapter, tmp / "adapter.safetensors")
         opt_tensors, opt_meta = optimizer_to_files(optimizer)
-        _save(opt_tensors, tmp / "optimizer.safetensors")
-        _save(rng_tensors(), tmp / "rng.safetensors")
+        save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+        save_tensors(rng_tensors(), tmp / "rng.safetensors")
         doc = {"format": FORMAT, "step": int(step), "optimizer": opt_meta, **state}
         (tmp / "state.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         if final.exists():  # the same step written again (a resumed run re-reaching it): replace
@@ -178,9 +181,9 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer | None = None, 
     if state.get("format") != FORMAT:
         raise UsageError(f"unknown checkpoint format {state.get('format')!r}", file=str(path),
                          hint=f"this krea2kit reads {FORMAT!r}")
-    adapter = _load(path / "adapter.safetensors")
+    adapter = load_tensors(path / "adapter.safetensors")
     if optimizer is not None:
-        optimizer_from_files(optimizer, _load(path / "optimizer.safetensors"), state["optimizer"])
+        optimizer_from_files(optimizer, load_tensors(path / "optimizer.safetensors"), state["optimizer"])
     if restore_rng_state:
-        restore_rng(_load(path / "rng.safetensors"))
+        restore_rng(load_tensors(path / "rng.safetensors"))
     return Checkpoint(path=path, step=int(state["step"]), state=state, adapter=adapter)
